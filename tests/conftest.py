@@ -81,4 +81,3 @@ def pytest_configure(config: pytest.Config) -> None:
         if not build.binary.exists():
             config.issue_config_time_warning(
                 pytest.PytestConfigWarning(f"{build} not found at {build.binary}; run make setup"), 2)
-

@@ -212,7 +212,7 @@ class Guest:
 
 def qmp_execute(address: str, command: str, arguments: dict[str, Any] | None = None,
                 timeout: float = 10.0) -> Any:
-    host, _, port = address.rpartition(":")
+    host, port = address.rpartition(":")[::2]
     target: str | tuple[str, int] = (host, int(port)) if port.isdigit() and host else address
 
     async def run() -> Any:

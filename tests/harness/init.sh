@@ -1,4 +1,4 @@
-#!/bin/busybox sh
+#!/bin/sh
 # PID 1 of the savestate.qemu test guest.
 #
 # Kernel command line knobs:
@@ -15,7 +15,9 @@ mount -t devtmpfs devtmpfs /dev
 
 fill=0
 disk=0
-for arg in $(cat /proc/cmdline); do
+read -r cmdline < /proc/cmdline
+# shellcheck disable=SC2086 # split the command line into words on purpose
+for arg in $cmdline; do
     case "$arg" in
         fill=*) fill="${arg#fill=}" ;;
         disk=*) disk="${arg#disk=}" ;;

@@ -66,7 +66,7 @@ def selected_builds() -> list[QemuBuild]:
 def _newest(versions: list[str]) -> str:
     best = versions[0]
     for version in versions[1:]:
-        if subprocess.run(["dpkg", "--compare-versions", version, "gt", best]).returncode == 0:
+        if subprocess.run(["dpkg", "--compare-versions", version, "gt", best], check=False).returncode == 0:
             best = version
     return best
 
@@ -75,7 +75,7 @@ def _missing_libraries(deb: Path) -> list[str]:
     depends = deb_field(deb, "Depends")
     libraries = [d.split()[0] for d in depends.split(",") if d.strip().startswith("lib")]
     status = subprocess.run(["dpkg-query", "-W", "-f=${Package} ${db:Status-Status}\n", *libraries],
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     installed = {line.split()[0] for line in status.stdout.splitlines() if line.endswith(" installed")}
     return [lib for lib in libraries if lib not in installed]
 

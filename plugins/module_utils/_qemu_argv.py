@@ -1,0 +1,120 @@
+# Copyright: savestate.qemu contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Note that this module util is **PRIVATE** to the collection. It can have breaking changes at any time.
+# Do not use this from other collections or standalone plugins/modules!
+
+"""Reading and editing QEMU command lines, without ever going through a shell.
+
+QEMU options take either a JSON object (``-blockdev {"driver": ...}``) or a
+"key=value,key=value" string in which a literal comma is written twice
+(``file=/a,,b`` is the path ``/a,b``). Some options have an implied key for a
+leading bare value (``-name foo`` means ``guest=foo``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+
+OptionPairs = list[tuple[str, str]]
+
+
+def option_name(arg: str) -> str | None:
+    """``-name`` and ``--name`` both name the option ``name``; anything else is a value."""
+    if arg.startswith("--") and len(arg) > 2:
+        return arg[2:]
+    if arg.startswith("-") and len(arg) > 1:
+        return arg[1:]
+    return None
+
+
+def iter_options(argv: Sequence[str]) -> Iterator[tuple[int, str, str]]:
+    """Yield ``(index of the value, option, value)`` for every option that takes a value.
+
+    Options without a value (``-S``, ``-daemonize``) are yielded with value ``""``
+    only when the next argument is another option; QEMU's own table decides which
+    options take values, and we do not replicate it: callers ask for options they know.
+    """
+    index = 1  # argv[0] is the binary
+    while index < len(argv):
+        name = option_name(argv[index])
+        if name is None:
+            index += 1
+            continue
+        has_value = index + 1 < len(argv) and option_name(argv[index + 1]) is None
+        if has_value:
+            yield index + 1, name, argv[index + 1]
+            index += 2
+        else:
+            yield index, name, ""
+            index += 1
+
+
+def option_values(argv: Sequence[str], option: str) -> list[str]:
+    """Values of every occurrence of ``-option`` (or ``--option``), in order."""
+    return [value for _, name, value in iter_options(argv) if name == option]
+
+
+def has_flag(argv: Sequence[str], option: str) -> bool:
+    return any(option_name(arg) == option for arg in argv[1:])
+
+
+def split_option_string(value: str) -> list[str]:
+    """Split at single commas; ``,,`` is an escaped literal comma."""
+    parts, current, index = [], [], 0
+    while index < len(value):
+        char = value[index]
+        if char == ",":
+            if value.startswith(",,", index):
+                current.append(",")
+                index += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(char)
+        index += 1
+    parts.append("".join(current))
+    return parts
+
+
+def parse_option_string(value: str, implied_key: str | None = None) -> OptionPairs:
+    """Parse ``key=value,...`` into ordered pairs; a JSON object is parsed as JSON.
+
+    A bare first element gets ``implied_key`` (``-name foo`` -> ``[("guest", "foo")]``);
+    other bare elements are boolean flags, kept as ``(element, "")``.
+    """
+    if value.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict):
+            return [(str(k), v if isinstance(v, str) else json.dumps(v)) for k, v in parsed.items()]
+    pairs: OptionPairs = []
+    for position, part in enumerate(split_option_string(value)):
+        key, sep, val = part.partition("=")
+        if sep:
+            pairs.append((key, val))
+        elif position == 0 and implied_key is not None:
+            pairs.append((implied_key, part))
+        elif part:
+            pairs.append((part, ""))
+    return pairs
+
+
+def option_dict(value: str, implied_key: str | None = None) -> dict[str, str]:
+    """Like :func:`parse_option_string`; the last occurrence of a key wins, as in QEMU."""
+    return dict(parse_option_string(value, implied_key))
+
+
+def escape_option_value(value: str) -> str:
+    return value.replace(",", ",,")
+
+
+def format_option_string(pairs: OptionPairs) -> str:
+    """The inverse of :func:`parse_option_string` for non-JSON values (flags have ``""``)."""
+    return ",".join(f"{key}={escape_option_value(val)}" if val != "" else escape_option_value(key)
+                    for key, val in pairs)
