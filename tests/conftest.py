@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from harness.guest import Guest, GuestSpec
+from harness.libvirt import EmbeddedLibvirt
 from harness.processes import Reaper, become_subreaper, kill_and_wait, qemu_processes
 from harness.qemu import ALL_BUILDS, selected_builds
 
@@ -66,6 +67,14 @@ def guest_factory(workdir: Path, process_reaper: Reaper, no_leaked_qemu: None
         guest.stop()
         if guest.process is not None:
             process_reaper.disown(guest.process.pid)
+
+
+@pytest.fixture
+def libvirt_host(workdir: Path, no_leaked_qemu: None) -> Iterator[EmbeddedLibvirt]:
+    """libvirt's embedded QEMU driver rooted in the test's work directory."""
+    host = EmbeddedLibvirt(workdir / "libvirt")
+    yield host
+    host.close()
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
