@@ -54,7 +54,7 @@ def iter_options(argv: Sequence[str]) -> Iterator[tuple[int, str, str]]:
 
 def option_values(argv: Sequence[str], option: str) -> list[str]:
     """Values of every occurrence of ``-option`` (or ``--option``), in order."""
-    return [value for _, name, value in iter_options(argv) if name == option]
+    return [value for _index, name, value in iter_options(argv) if name == option]
 
 
 def has_flag(argv: Sequence[str], option: str) -> bool:
@@ -118,3 +118,92 @@ def format_option_string(pairs: OptionPairs) -> str:
     """The inverse of :func:`parse_option_string` for non-JSON values (flags have ``""``)."""
     return ",".join(f"{key}={escape_option_value(val)}" if val != "" else escape_option_value(key)
                     for key, val in pairs)
+
+
+# --- disk paths inside a command line ----------------------------------------------
+
+# Options whose whole value is a disk image path.
+PATH_VALUED_OPTIONS = frozenset(("hda", "hdb", "hdc", "hdd", "cdrom", "fda", "fdb", "sd", "mtdblock", "pflash"))
+
+
+def _is_drive_path_key(key: str) -> bool:
+    return key in ("file", "filename") or key.endswith(".filename")
+
+
+def _is_blockdev_path_key(key: str) -> bool:
+    # In -blockdev, "file" names a child node, not a path.
+    return key == "filename" or key.endswith(".filename")
+
+
+def _raw_option_parts(value: str) -> list[str]:
+    """Split at single commas but keep each part escaped (``,,`` stays ``,,``)."""
+    parts, start, index = [], 0, 0
+    while index < len(value):
+        if value[index] == ",":
+            if value.startswith(",,", index):
+                index += 2
+                continue
+            parts.append(value[start:index])
+            start = index + 1
+        index += 1
+    parts.append(value[start:])
+    return parts
+
+
+def _replace_in_key_values(value: str, mapping: dict[str, str], is_path_key) -> str:
+    """Replace path values in ``key=value,...``, leaving every other part byte for byte."""
+    parts = _raw_option_parts(value)
+    changed = False
+    for position, raw in enumerate(parts):
+        key, sep, path = raw.replace(",,", ",").partition("=")
+        if sep and is_path_key(key) and path in mapping:
+            parts[position] = f"{key}={escape_option_value(mapping[path])}"
+            changed = True
+    return ",".join(parts) if changed else value
+
+
+def _replace_in_json(node, mapping: dict[str, str]) -> bool:
+    changed = False
+    if isinstance(node, dict):
+        for key, item in node.items():
+            if key == "filename" and isinstance(item, str) and item in mapping:
+                node[key] = mapping[item]
+                changed = True
+            else:
+                changed = _replace_in_json(item, mapping) or changed
+    elif isinstance(node, list):
+        for item in node:
+            changed = _replace_in_json(item, mapping) or changed
+    return changed
+
+
+def _replace_in_blockdev(value: str, mapping: dict[str, str]) -> str:
+    if value.lstrip().startswith("{"):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            return value
+        if _replace_in_json(parsed, mapping):
+            return json.dumps(parsed, separators=(",", ":"), ensure_ascii=False)
+        return value
+    return _replace_in_key_values(value, mapping, _is_blockdev_path_key)
+
+
+def replace_disk_paths(argv: Sequence[str], mapping: dict[str, str]) -> list[str]:
+    """``argv`` with disk image paths replaced (old -> new), wherever QEMU takes them.
+
+    Covers ``-drive file=`` (and ``file.filename=``), ``-blockdev`` as JSON or as
+    ``key=value`` (``filename``), and the shorthand options (``-hda PATH``).
+    Everything else is left exactly as it was; without a match the result equals ``argv``.
+    """
+    result = list(argv)
+    for index, option, value in iter_options(argv):
+        if not value:
+            continue
+        if option == "drive":
+            result[index] = _replace_in_key_values(value, mapping, _is_drive_path_key)
+        elif option == "blockdev":
+            result[index] = _replace_in_blockdev(value, mapping)
+        elif option in PATH_VALUED_OPTIONS and value in mapping:
+            result[index] = mapping[value]
+    return result

@@ -1,0 +1,209 @@
+#!/usr/bin/python
+# Copyright: savestate.qemu contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: save_image_info
+short_description: Read and validate a QEMU save image, ours or libvirt's
+version_added: 0.1.0
+description:
+  - Reads the header and the domain XML of a QEMU save image, the file format of libvirt's
+    C(virsh save) that M(savestate.qemu.save) also writes, and checks that the image is whole.
+  - Works on images written by libvirt in every format (raw, gzip, bzip2, xz, lzop, zstd, sparse)
+    and on images written by this collection, which also carry metadata for M(savestate.qemu.restore).
+  - An image whose save never finished (partial magic) is reported with RV(image.complete=false)
+    rather than failing. An unreadable or malformed image fails with a message naming the problem.
+  - The migration stream itself is not decompressed or replayed; only its first bytes are checked.
+author:
+  - savestate.qemu contributors (@savestate)
+extends_documentation_fragment:
+  - savestate.qemu._attributes
+  - savestate.qemu._attributes.INFO_MODULE
+options:
+  path:
+    description:
+      - The save image to read.
+    type: path
+    required: true
+requirements:
+  - lxml
+seealso:
+  - module: savestate.qemu.save_image_define
+  - name: The save image format
+    description: Byte layout, metadata namespace and checks (docs/image-format.md in the collection).
+    link: https://github.com/savestate/savestate.qemu/blob/main/docs/image-format.md
+"""
+
+EXAMPLES = r"""
+- name: Inspect a save image
+  savestate.qemu.save_image_info:
+    path: /var/lib/savestate/web01.save
+  register: saved
+
+- name: Show what would come back
+  ansible.builtin.debug:
+    msg: >-
+      {{ saved.image.name }} ({{ saved.image.uuid }}), {{ saved.image.memory_kib // 1024 }} MiB,
+      {{ 'running' if saved.image.was_running else 'paused' }} after restore,
+      written by {{ saved.origin }}
+
+- name: Refuse to go on with an unfinished image
+  ansible.builtin.assert:
+    that: saved.image.complete
+    fail_msg: "{{ saved.image.path }} is incomplete; its save was interrupted"
+
+- name: Read an image written by libvirt's managed save
+  savestate.qemu.save_image_info:
+    path: /var/lib/libvirt/qemu/save/db01.save
+"""
+
+RETURN = r"""
+image:
+  description: What the image holds. M(savestate.qemu.save) and M(savestate.qemu.restore) return the same dict.
+  returned: success
+  type: dict
+  contains:
+    path:
+      description: The image file.
+      type: str
+      sample: /var/lib/savestate/web01.save
+    complete:
+      description: V(false) when the save that wrote the image never finished (libvirt's partial magic).
+      type: bool
+      sample: true
+    version:
+      description: Header version, 2 for every libvirt since 2009 (1 is read as well).
+      type: int
+      sample: 2
+    format:
+      description: How the migration stream is stored.
+      type: str
+      choices: [raw, gzip, bzip2, xz, lzop, zstd, sparse]
+      sample: zstd
+    was_running:
+      description: Whether the guest runs after a restore (V(false) means it stays paused).
+      type: bool
+      sample: true
+    name:
+      description: The guest's name.
+      type: str
+      sample: web01
+    uuid:
+      description: The guest's UUID (V(null) when the XML has none).
+      type: str
+      sample: 4c7a1a3e-30b6-4e55-9a55-3d7d2a1b0c11
+    memory_kib:
+      description: Guest memory in KiB.
+      type: int
+      sample: 1048576
+    vcpus:
+      description: Number of virtual CPUs.
+      type: int
+      sample: 2
+    machine:
+      description: The versioned machine type the guest ran on.
+      type: str
+      sample: pc-q35-10.0
+    stream_offset:
+      description: Byte offset of the QEMU migration stream (92 + the header's data length).
+      type: int
+      sample: 67100
+    size:
+      description: Size of the image file in bytes (apparent size; sparse images take less on disk).
+      type: int
+      sample: 91276872
+    origin:
+      description: V(savestate) when the image carries this collection's metadata, V(libvirt) otherwise.
+      type: str
+      choices: [savestate, libvirt]
+      sample: savestate
+    metadata:
+      description: This collection's metadata (same as RV(metadata)), or V(null) for libvirt's images.
+      type: dict
+      sample: null
+xml:
+  description: The domain XML stored in the image, as stored.
+  returned: success
+  type: str
+  sample: "<domain type='kvm'>...</domain>"
+cookie:
+  description: libvirt's save cookie (the guest CPU as it ran), or V(null) when the image has none.
+  returned: success
+  type: str
+  sample: "<cookie>\n  <slirpHelper/>\n</cookie>\n"
+origin:
+  description: V(savestate) or V(libvirt), as in RV(image.origin).
+  returned: success
+  type: str
+  sample: libvirt
+metadata:
+  description: What M(savestate.qemu.restore) needs, from this collection's XML namespace; V(null) for libvirt's images.
+  returned: success
+  type: dict
+  sample:
+    emulator: /usr/bin/qemu-system-x86_64
+    qemu_version: 10.0.2
+    machine: pc-q35-10.0
+    argv: [/usr/bin/qemu-system-x86_64, -name, guest=web01, "..."]
+    qmp: /run/web01/qmp.sock
+    disks:
+      - path: /var/lib/images/web01.qcow2
+        format: qcow2
+        size: 2147483648
+        mtime_ns: 1764000000000000000
+        node: disk0
+        target: null
+    saved_at: "2026-11-24T13:40:16Z"
+  contains:
+    emulator:
+      description: Path of the QEMU binary that ran the guest.
+      type: str
+    qemu_version:
+      description: Its version.
+      type: str
+    machine:
+      description: The versioned machine type.
+      type: str
+    argv:
+      description: The exact command line of the saved QEMU process.
+      type: list
+      elements: str
+    qmp:
+      description: The QMP endpoint the guest had (socket path or host:port).
+      type: str
+    disks:
+      description: The guest's disks, with size and modification time at save time.
+      type: list
+      elements: dict
+    saved_at:
+      description: When the image was written (ISO 8601, UTC).
+      type: str
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import HAS_LXML, LXML_IMPORT_ERROR
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
+from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, load_image
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(path=dict(type="path", required=True)),
+        supports_check_mode=True,
+    )
+    if not HAS_LXML:
+        module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_IMPORT_ERROR)
+    try:
+        image, record = load_image(module.params["path"], allow_incomplete=True)
+    except SaveStateError as error:
+        module.fail_json(msg=str(error))
+    module.exit_json(changed=False, image=describe_image(image, record), xml=image.xml, cookie=image.cookie,
+                     origin=record.origin, metadata=record.metadata())
+
+
+if __name__ == "__main__":
+    main()
