@@ -1,0 +1,332 @@
+#!/usr/bin/python
+# Copyright: savestate.qemu contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: save
+short_description: Save a running QEMU guest's RAM and device state to a file
+version_added: 0.1.0
+author:
+  - savestate.qemu contributors
+description:
+  - Pauses a QEMU guest, writes its RAM and device state to a save image, and then, by default,
+    ends the QEMU process, like C(virsh save). M(savestate.qemu.restore) brings the guest back from
+    the image in the state it had.
+  - The image is libvirt's QEMU save image, byte for byte (a 92-byte header, the domain XML, then
+    QEMU's migration stream), so libvirt's tools read it. The domain XML carries, in its own XML
+    namespace, what a restore needs that libvirt does not record, such as the emulator, the exact
+    command line, the resolved machine type and fingerprints of the guest's disks.
+  - Talks to QEMU over QMP; needs no libvirt. Guests that libvirt manages are refused (save them with
+    C(virsh save)).
+  - Before it touches the guest, the module checks QEMU's migration blockers, that this QEMU supports
+    the chosen O(format), the compressor program, the target directory and its free space, and that
+    O(path) does not hold an image of another guest.
+  - The image is written under a temporary name in the target directory with libvirt's partial
+    magic, and renamed into place only after QEMU has finished and the data is on disk. A failed save
+    resumes a guest that was running, removes the temporary file and leaves an earlier image at
+    O(path) untouched.
+  - The migration stream never passes through Python. Raw and sparse images are written by QEMU
+    directly into the file; compressed images go from QEMU through the compressor into the file.
+extends_documentation_fragment:
+  - savestate.qemu._attributes
+  - savestate.qemu._qmp
+  - ansible.builtin.files
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details:
+      - The diff shows the guest's state and the image at O(path) before and after.
+  idempotent:
+    support: partial
+    details:
+      - With O(after_save=stop) (the default), a guest that is no longer active and a complete image
+        of that guest at O(path) mean there is nothing to do.
+      - With O(after_save=paused), a guest that QEMU already saved (state C(postmigrate)) to a complete
+        image at O(path) is left alone.
+      - With O(after_save=running) every run saves the guest again.
+options:
+  name:
+    description:
+      - The guest's name (QEMU's C(-name)).
+      - At least one of O(name), O(uuid) and O(socket) is required. All of those given must point at
+        the same guest.
+    type: str
+  uuid:
+    description:
+      - The guest's UUID (QEMU's C(-uuid)), in any letter case.
+    type: str
+  socket:
+    description:
+      - The guest's QMP monitor, a unix socket path or V(host:port) for a TCP monitor.
+      - Without it, the module uses the monitor on the guest's command line (C(-qmp), C(-qmp-pretty),
+        or C(-chardev socket) with C(-mon mode=control)).
+      - Over a TCP monitor no file descriptor can reach QEMU, so QEMU opens O(path) itself (QEMU 8.2 and
+        newer) or runs a shell command that appends to it (older QEMU, and compressed formats); the
+        path is single-quoted for the shell.
+    type: str
+  path:
+    description:
+      - The save image to write. Its directory must exist.
+      - An existing complete image of another guest is not replaced unless O(force=true).
+    type: path
+    required: true
+  format:
+    description:
+      - How the migration stream is stored, libvirt's save image formats.
+      - V(raw) is the fastest and the largest.
+      - V(gzip), V(bzip2), V(xz), V(lzop) and V(zstd) compress the stream with that program, which must
+        be installed on the host (and on the host that restores). V(zstd) runs multi-threaded and is
+        the best compromise of the compressed formats.
+      - V(sparse) uses QEMU's mapped-ram layout (QEMU 9.0 and newer). Every RAM page has a fixed place
+        in the file, zero pages are holes, and QEMU can write with several threads
+        (O(parallel_channels)) and bypass the page cache (O(bypass_cache)). libvirt 11.2 and newer read
+        it.
+    type: str
+    default: raw
+    choices: [raw, gzip, bzip2, xz, lzop, zstd, sparse]
+  parallel_channels:
+    description:
+      - The number of threads QEMU writes a V(sparse) image with (multifd channels).
+      - Only with O(format=sparse).
+    type: int
+    default: 1
+  bypass_cache:
+    description:
+      - Write the image with O_DIRECT, around the host's page cache (QEMU 9.1 and newer, O(format=sparse)
+        only). Keeps a large save from evicting the host's cache; the file system must support O_DIRECT
+        (tmpfs does not).
+    type: bool
+    default: false
+  restore_state:
+    description:
+      - The state M(savestate.qemu.restore) brings the guest back in, recorded in the image header.
+      - By default, the state the guest had when the save began.
+    type: str
+    choices: [running, paused]
+  after_save:
+    description:
+      - What happens to the guest once the image is complete.
+      - V(stop) ends the QEMU process and waits for it to exit, then records the disks' final
+        fingerprints in the image. This is what makes a later restore safe, and it is C(virsh save)'s
+        behaviour.
+      - V(running) resumes the guest. Its disks then move on from the saved RAM, and a restore with
+        O(savestate.qemu.restore#module:disk_check=strict) refuses the image.
+      - V(paused) leaves the guest paused (QEMU state C(postmigrate)).
+    type: str
+    default: stop
+    choices: [stop, running, paused]
+  force:
+    description:
+      - Replace a file at O(path) that is a complete image of another guest, or no save image at all.
+    type: bool
+    default: false
+  timeout:
+    description:
+      - Seconds the migration may take before it is cancelled and the guest put back.
+      - Also how long to wait for another save or restore of the same guest to finish.
+    type: float
+    default: 600
+  mode:
+    description:
+      - The permissions of the image, as for M(ansible.builtin.file).
+      - Images hold the guest's memory, passwords and keys included. Without O(mode) they are created
+        V(0600).
+notes:
+  - Run it as root (C(become=true)) unless you own the QEMU process and its monitor.
+  - Only one save or restore of a guest runs at a time; a second waits for the first (up to
+    O(timeout)).
+  - If the module itself is killed during a save, the guest stays paused. Run the task again; it
+    finishes the save, or starts it over, and still restores the state the guest had before the first
+    attempt.
+  - The image holds RAM, not disk contents. Do not boot the guest from its disks between a save and the
+    restore; M(savestate.qemu.restore) refuses an image whose disks changed.
+requirements:
+  - qemu.qmp >= 0.0.4 and lxml on the managed host.
+  - For compressed formats, the compressor program (gzip, bzip2, xz, lzop or zstd) on the managed host.
+seealso:
+  - module: savestate.qemu.restore
+  - module: savestate.qemu.save_image_info
+  - name: The save guide
+    description: Formats, QEMU versions, what after_save does, failures and how they are handled.
+    link: https://github.com/savestate/savestate.qemu/blob/main/docs/save.md
+"""
+
+EXAMPLES = r"""
+- name: Save guest web1 before a host reboot (the QEMU process ends)
+  savestate.qemu.save:
+    name: web1
+    path: /var/lib/qemu/save/web1.save
+  become: true
+
+- name: Save a guest by its monitor, compressed, and keep it running
+  savestate.qemu.save:
+    socket: /run/qemu/db1.qmp
+    path: /srv/images/db1.save.zst
+    format: zstd
+    after_save: running
+  become: true
+
+- name: Save a large guest fast, four threads, around the page cache
+  savestate.qemu.save:
+    name: big1
+    path: /var/lib/qemu/save/big1.save
+    format: sparse
+    parallel_channels: 4
+    bypass_cache: true
+    timeout: 1800
+  become: true
+
+- name: Save a paused guest so that it comes back running
+  savestate.qemu.save:
+    uuid: 9a4a1c4e-7f3b-4c1e-9d55-1b0f3f3c2e11
+    path: /var/lib/qemu/save/batch.save
+    restore_state: running
+  become: true
+"""
+
+RETURN = r"""
+image:
+  description: The image written (or found, when nothing changed).
+  returned: when an image is at O(path) after the run
+  type: dict
+  contains:
+    path: {description: The image file., type: str, sample: /var/lib/qemu/save/web1.save}
+    complete: {description: Whether the image carries the final magic C(LibvirtQemudSave)., type: bool}
+    version: {description: The header version (2)., type: int}
+    format: {description: The stream format., type: str, sample: raw}
+    was_running: {description: Whether a restore resumes the guest., type: bool}
+    name: {description: The guest's name., type: str}
+    uuid: {description: The guest's UUID., type: str}
+    memory_kib: {description: The guest's RAM in KiB., type: int}
+    vcpus: {description: The guest's virtual CPUs., type: int}
+    machine: {description: The resolved, versioned machine type., type: str, sample: pc-i440fx-10.0}
+    stream_offset: {description: Where QEMU's stream starts in the file (92 + data length)., type: int}
+    size: {description: The file's size in bytes., type: int}
+    origin: {description: V(savestate) for images this collection wrote, V(libvirt) for libvirt's., type: str}
+    metadata:
+      description: What restore needs (emulator, QEMU version, command line, QMP endpoint, disks, saved at).
+      type: dict
+guest:
+  description: The guest after the run.
+  returned: always
+  type: dict
+  contains:
+    name: {description: The guest's name., type: str}
+    uuid: {description: The guest's UUID., type: str}
+    pid: {description: The QEMU process id (before it ended, for O(after_save=stop))., type: int}
+    state: {description: V(stopped) (the process ended), V(paused) or V(running)., type: str}
+    qmp: {description: The monitor the module used., type: str}
+    managed_by: {description: V(none) (libvirt guests are refused)., type: str}
+stats:
+  description: How long QEMU took to write the image, and how fast.
+  returned: when an image was written
+  type: dict
+  contains:
+    duration_s: {description: Seconds from the start of the migration to the image being on disk., type: float}
+    bytes: {description: The image's size., type: int}
+    throughput_mib_s: {description: Image MiB per second., type: float}
+qmp_trace:
+  description: The QMP conversation, when O(qmp_trace=true).
+  returned: when O(qmp_trace=true)
+  type: list
+  elements: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import HAS_LXML, LXML_IMPORT_ERROR
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
+from ansible_collections.savestate.qemu.plugins.module_utils._image import ImageFormat
+from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
+    HAS_QEMU_QMP,
+    QEMU_QMP_IMPORT_ERROR,
+    QEMU_QMP_REQUIREMENT,
+    QMP_COMMON_ARGS,
+)
+from ansible_collections.savestate.qemu.plugins.module_utils._save import (
+    AFTER_SAVE_CHOICES,
+    RESTORE_STATE_CHOICES,
+    SaveRequest,
+    save_guest,
+)
+
+DEFAULT_MODE = "0600"
+
+
+def build_request(params: dict) -> SaveRequest:
+    return SaveRequest(
+        path=params["path"],
+        name=params["name"],
+        uuid=params["uuid"],
+        socket=params["socket"],
+        image_format=ImageFormat.from_name(params["format"]),
+        parallel_channels=params["parallel_channels"],
+        bypass_cache=params["bypass_cache"],
+        restore_state=params["restore_state"],
+        after_save=params["after_save"],
+        force=params["force"],
+        timeout=params["timeout"],
+        trace=params["qmp_trace"],
+    )
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            name=dict(type="str"),
+            uuid=dict(type="str"),
+            socket=dict(type="str"),
+            path=dict(type="path", required=True),
+            format=dict(type="str", default="raw", choices=[f.label for f in ImageFormat]),
+            parallel_channels=dict(type="int", default=1),
+            bypass_cache=dict(type="bool", default=False),
+            restore_state=dict(type="str", choices=list(RESTORE_STATE_CHOICES)),
+            after_save=dict(type="str", default="stop", choices=list(AFTER_SAVE_CHOICES)),
+            force=dict(type="bool", default=False),
+            timeout=dict(type="float", default=600.0),
+            **QMP_COMMON_ARGS,
+        ),
+        required_one_of=[("name", "uuid", "socket")],
+        add_file_common_args=True,
+        supports_check_mode=True,
+    )
+    if not HAS_QEMU_QMP:
+        module.fail_json(msg=missing_required_lib(QEMU_QMP_REQUIREMENT), exception=QEMU_QMP_IMPORT_ERROR)
+    if not HAS_LXML:
+        module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_IMPORT_ERROR)
+    if module.params["timeout"] <= 0:
+        module.fail_json(msg="timeout must be a positive number of seconds")
+
+    try:
+        outcome = save_guest(build_request(module.params), check_mode=module.check_mode)
+    except SaveStateError as error:
+        module.fail_json(msg=str(error))
+
+    changed = outcome.changed
+    if outcome.image is not None and not module.check_mode:
+        file_args = module.load_file_common_arguments(module.params, path=outcome.image["path"])
+        if file_args["mode"] is None:
+            file_args["mode"] = DEFAULT_MODE
+        changed = module.set_fs_attributes_if_different(file_args, changed)
+
+    result = dict(changed=changed, msg=outcome.msg, guest=outcome.guest)
+    for key in ("image", "stats"):
+        if getattr(outcome, key) is not None:
+            result[key] = getattr(outcome, key)
+    if module._diff:
+        result["diff"] = dict(before=outcome.before, after=outcome.after,
+                              before_header=module.params["path"], after_header=module.params["path"])
+    if module.params["qmp_trace"]:
+        result["qmp_trace"] = outcome.trace
+    for warning in outcome.warnings:
+        module.warn(warning)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
