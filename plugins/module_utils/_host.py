@@ -256,7 +256,7 @@ def _legacy_endpoint(value: str, cwd: str | None) -> tuple[Endpoint | None, str 
         return None, f"-qmp {value} connects out to a server rather than listening"
     if kind == "unix":
         return unix_endpoint(_absolute(parts[0], cwd)), None
-    host, _, port = parts[0].rpartition(":")
+    host, port = parts[0].rpartition(":")[::2]
     return _tcp(host, port, f"-qmp {value}")
 
 

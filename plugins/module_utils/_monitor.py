@@ -57,17 +57,30 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
 from ansible_collections.savestate.qemu.plugins.module_utils._sockets import describe_holders
 
 try:
-    from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, QMPClient, QMPError, StateError
+    from qemu.qmp import EventListener, ExecInterruptedError, ExecuteError, Message, QMPClient, QMPError, StateError
     from qemu.qmp.legacy import QEMUMonitorProtocol
+    from qemu.qmp.message import DeserializationError
 except ImportError:
     HAS_QEMU_QMP = False
     QEMU_QMP_IMPORT_ERROR: str | None = traceback.format_exc()
 
+    # Stand-ins so that the ``except`` clauses below still work without qemu.qmp.
     class QMPError(Exception):  # type: ignore[no-redef]
-        """Stand-in so that ``except`` clauses still compile without qemu.qmp."""
+        pass
 
-    ExecInterruptedError = ExecuteError = StateError = QMPError  # type: ignore[misc]
-    QMPClient = EventListener = QEMUMonitorProtocol = None  # type: ignore[misc,assignment]
+    class ExecuteError(QMPError):  # type: ignore[no-redef]
+        pass
+
+    class ExecInterruptedError(QMPError):  # type: ignore[no-redef]
+        pass
+
+    class StateError(QMPError):  # type: ignore[no-redef]
+        pass
+
+    class DeserializationError(QMPError):  # type: ignore[no-redef]
+        pass
+
+    QMPClient = EventListener = Message = QEMUMonitorProtocol = None  # type: ignore[misc,assignment]
 else:
     HAS_QEMU_QMP = True
     QEMU_QMP_IMPORT_ERROR = None
@@ -247,6 +260,26 @@ if HAS_QEMU_QMP:
         def _cb_inbound(self, msg: Any) -> Any:
             self._recorder("received", msg)
             return super()._cb_inbound(msg)
+
+        async def _do_recv(self) -> Any:
+            """One message; also one spread over many lines, as ``-qmp-pretty`` monitors send them.
+
+            qemu.qmp reads a message per line. A pretty-printed message starts with a
+            line holding only ``{`` and ends with a line starting with its closing
+            ``}`` (nested lines are indented), so we read on to such a line and retry.
+            """
+            data = await self._readline()
+            while True:
+                try:
+                    return Message(data, eager=True)
+                except DeserializationError:
+                    if not data.startswith(b"{") or len(data) > self.readbuflen:
+                        raise
+                line = await self._readline()
+                data += line
+                while not line.startswith(b"}"):
+                    line = await self._readline()
+                    data += line
 
 
 class _EventInbox:

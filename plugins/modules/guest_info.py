@@ -10,7 +10,7 @@ module: guest_info
 short_description: List the QEMU guests running on a host
 version_added: 0.1.0
 author:
-  - savestate.qemu contributors
+  - savestate.qemu contributors (@savestate)
 description:
   - Lists every running QEMU process on the managed host (C(qemu-system-*) and C(qemu-kvm)), the
     guests libvirt manages included, with the identity and monitor details that

@@ -74,8 +74,10 @@ class Session:
         self.lock = threading.Lock()
 
     def send(self, message: dict[str, Any]) -> None:
+        # -qmp-pretty monitors indent nested lines; the closing brace starts the last line.
+        text = json.dumps(message, indent=4) if self.server.pretty else json.dumps(message)
         with self.lock:
-            self.conn.sendall(json.dumps(message).encode() + b"\r\n")
+            self.conn.sendall(text.replace("\n", "\r\n").encode() + b"\r\n")
 
     def send_event(self, event: str, data: dict[str, Any] | None = None) -> None:
         now = time.time()
@@ -141,15 +143,20 @@ class Session:
 
 
 class FakeQMPServer:
-    """Listen on ``path`` (unix) or on ``("127.0.0.1", 0)`` with ``tcp=True``."""
+    """Listen on ``path`` (unix) or on ``("127.0.0.1", 0)`` with ``tcp=True``.
+
+    ``greet=False`` accepts connections but never greets (a monitor held by another
+    client); ``pretty=True`` sends multi-line JSON like ``-qmp-pretty``.
+    """
 
     def __init__(self, path: str | Path | None = None, tcp: bool = False, greet: bool = True,
-                 version: dict[str, Any] | None = None) -> None:
+                 version: dict[str, Any] | None = None, pretty: bool = False) -> None:
         if (path is None) == (not tcp):
             raise ValueError("give a unix socket path, or tcp=True")
         self.path = str(path) if path is not None else None
         self.tcp = tcp
         self.greet = greet
+        self.pretty = pretty
         self.version = version or GREETING_VERSION
         self.script: dict[str, Any] = {}
         self.calls: list[Call] = []
@@ -239,7 +246,7 @@ class FakeQMPServer:
     def _run(self) -> None:
         while not self.stopped.is_set():
             try:
-                conn, _ = self._listener.accept()
+                conn = self._listener.accept()[0]
             except (socket.timeout, OSError):
                 continue
             session = Session(self, conn)

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,6 +126,37 @@ def test_tcp_endpoint_works_too():
             assert monitor.name() == "over-tcp"
 
 
+def test_pretty_printed_monitor(sock_dir):
+    with FakeQMPServer(sock_dir / "pretty.sock", pretty=True) as server:
+        server.reply("query-block", [{"device": "disk0", "inserted": {"file": "/a", "drv": "raw", "ro": False}}])
+        server.on("stop", lambda call: call.emit("STOP") or {})
+        with Monitor(server.address, trace=True) as monitor:
+            assert monitor.block_devices()[0].file == "/a"
+            with monitor.listen("STOP"):
+                monitor.execute("stop")
+                assert monitor.wait_event("STOP", timeout=2)["event"] == "STOP"
+            assert monitor.trace[0]["kind"] == "greeting"
+
+
+def test_garbage_instead_of_qmp(sock_dir):
+    path = str(sock_dir / "garbage.sock")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(path)
+        listener.listen(1)
+
+        def answer_garbage():
+            conn = listener.accept()[0]
+            with conn:
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+                conn.recv(100)
+
+        thread = threading.Thread(target=answer_garbage, daemon=True)
+        thread.start()
+        with pytest.raises(MonitorError, match="does not behave like a QMP monitor"):
+            Monitor(path, connect_timeout=2).connect()
+        thread.join(5)
+
+
 def test_missing_socket_says_so(sock_dir):
     with pytest.raises(MonitorError, match="There is no QMP socket") as caught:
         Monitor(str(sock_dir / "absent.sock"), connect_timeout=2).connect()
@@ -176,7 +208,7 @@ def test_busy_monitor_names_the_client_that_holds_it(server):
 
 def test_monitor_serves_the_next_client_after_close(server):
     server.reply("query-name", {})
-    for _ in range(2):
+    for attempt in range(2):
         with Monitor(server.address, connect_timeout=2) as monitor:
             assert monitor.name() is None
 
@@ -310,7 +342,7 @@ def test_features_come_from_the_schema(server, monitor, schema, file_transport, 
 
 def test_schema_is_fetched_again_on_a_new_connection(server):
     server.reply("query-qmp-schema", SCHEMA_7_2)
-    for _ in range(2):
+    for attempt in range(2):
         with Monitor(server.address) as monitor:
             assert monitor.has_command("migrate")
     assert server.commands().count("query-qmp-schema") == 2
