@@ -1,0 +1,235 @@
+#!/usr/bin/python
+# Copyright: savestate.qemu contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: restore
+short_description: Bring a QEMU guest back from a save image, in the state it was saved in
+version_added: 0.1.0
+author:
+  - savestate.qemu contributors
+description:
+  - Starts QEMU from a save image written by M(savestate.qemu.save) and brings the guest back, running
+    or paused as it was (or as O(state) says). The guest continues where it stopped; it does not boot.
+  - QEMU runs the command line recorded in the image, waiting for the incoming stream (C(-S -incoming
+    defer)), on the exact machine type the guest was saved on. The QEMU process is detached from the
+    module and outlives the task.
+  - Before it runs anything, the module checks that the image is trustworthy (no user but root and the
+    image's owner can have written it or its directory), complete and readable; that no active guest on
+    the host, libvirt's included, holds the image's name or UUID; that the emulator is a QEMU system
+    emulator; that the decompressor is installed; and that the guest's disks are unchanged since the
+    save.
+  - On any failure (QEMU rejects the stream, a timeout, the decompressor dies) the started QEMU is
+    killed and reaped, what the restore created is removed, and the image is left untouched. The
+    message quotes QEMU's own reason.
+  - libvirt's own images record no QEMU command line; restore them with C(virsh restore).
+extends_documentation_fragment:
+  - savestate.qemu._attributes
+  - savestate.qemu._qmp
+attributes:
+  check_mode:
+    support: full
+  diff_mode:
+    support: full
+    details:
+      - The diff shows the guest's state before and after.
+  idempotent:
+    support: full
+    details:
+      - A guest with the image's name and UUID already active is left alone (or only resumed, with
+        O(state=running)).
+options:
+  path:
+    description:
+      - The save image.
+    type: path
+    required: true
+  state:
+    description:
+      - The state to bring the guest back in.
+      - V(as_saved) is the state recorded in the image header (the guest's state when it was saved,
+        unless the save set O(savestate.qemu.save#module:restore_state)).
+      - With V(running), a guest of this image that is already active but paused is resumed.
+    type: str
+    default: as_saved
+    choices: [as_saved, running, paused]
+  name:
+    description:
+      - The guest the image must hold. The module fails if the image is of another guest.
+    type: str
+  uuid:
+    description:
+      - The UUID the image must hold, in any letter case.
+    type: str
+  emulator:
+    description:
+      - The QEMU binary to run instead of the recorded one, for example on another host where QEMU lives
+        elsewhere. It must be a QEMU system emulator (C(qemu-system-*) or C(qemu-kvm)).
+      - QEMU loads a stream only on the same versioned machine type with the same devices; the machine
+        type is pinned from the image.
+    type: path
+  disk_check:
+    description:
+      - What to do when a disk the guest was saved with changed since the save (size or modification
+        time) or is gone.
+      - V(strict) refuses the restore. Restoring RAM over changed disks corrupts the guest's file systems.
+      - V(warn) restores and warns. V(ignore) does not compare.
+    type: str
+    default: strict
+    choices: [strict, warn, ignore]
+  remove_image:
+    description:
+      - Delete the image once the guest is confirmed in its target state, like libvirt's managed save.
+    type: bool
+    default: false
+  parallel_channels:
+    description:
+      - The number of threads QEMU reads a V(sparse) image with (multifd channels). Need not match the
+        save's.
+    type: int
+    default: 1
+  timeout:
+    description:
+      - Seconds the load may take before the restore is abandoned (QEMU killed, image untouched).
+      - Also how long to wait for another save or restore of the same guest to finish.
+    type: float
+    default: 600
+notes:
+  - Run it as root (C(become=true)), as QEMU ran.
+  - QEMU's output goes to a log in C(/run/savestate-qemu) (for root), named after the guest's UUID.
+requirements:
+  - qemu.qmp >= 0.0.4 and lxml on the managed host.
+  - The decompressor of a compressed image (gzip, bzip2, xz, lzop or zstd) on the managed host.
+seealso:
+  - module: savestate.qemu.save
+  - module: savestate.qemu.save_image_define
+  - name: The restore guide
+    description: States, conflicts, disk checks, trust, moving an image to another host, QEMU's load errors.
+    link: https://github.com/savestate/savestate.qemu/blob/main/docs/restore.md
+"""
+
+EXAMPLES = r"""
+- name: Bring web1 back as it was saved
+  savestate.qemu.restore:
+    path: /var/lib/qemu/save/web1.save
+  become: true
+
+- name: Restore and delete the image afterwards (managed-save style)
+  savestate.qemu.restore:
+    path: /var/lib/qemu/save/web1.save
+    name: web1
+    remove_image: true
+  become: true
+
+- name: Restore paused, to inspect the guest before it runs
+  savestate.qemu.restore:
+    path: /var/lib/qemu/save/db1.save.zst
+    state: paused
+  become: true
+
+- name: Restore on a host where QEMU lives elsewhere
+  savestate.qemu.restore:
+    path: /srv/images/web1.save
+    emulator: /opt/qemu/bin/qemu-system-x86_64
+  become: true
+"""
+
+RETURN = r"""
+guest:
+  description: The guest after the run.
+  returned: success
+  type: dict
+  contains:
+    name: {description: The guest's name., type: str}
+    uuid: {description: The guest's UUID., type: str}
+    pid: {description: The QEMU process id., type: int}
+    state: {description: The QEMU run state, V(running) or V(paused)., type: str}
+    qmp: {description: The guest's QMP monitor., type: str}
+    managed_by: {description: Always V(none)., type: str}
+image:
+  description: The image, as M(savestate.qemu.save_image_info) describes it.
+  returned: success
+  type: dict
+stats:
+  description: How long QEMU took to load the image, and how fast.
+  returned: when the guest was restored
+  type: dict
+  contains:
+    duration_s: {description: Seconds from the start of the load to its end., type: float}
+    bytes: {description: The image's size., type: int}
+    throughput_mib_s: {description: Image MiB per second., type: float}
+qmp_trace:
+  description: The QMP conversation, when O(qmp_trace=true).
+  returned: when O(qmp_trace=true)
+  type: list
+  elements: dict
+"""
+
+from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+
+from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import HAS_LXML, LXML_IMPORT_ERROR
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
+from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
+    HAS_QEMU_QMP,
+    QEMU_QMP_IMPORT_ERROR,
+    QEMU_QMP_REQUIREMENT,
+    QMP_COMMON_ARGS,
+)
+from ansible_collections.savestate.qemu.plugins.module_utils._restore import (
+    DISK_CHECK_CHOICES,
+    STATE_CHOICES,
+    RestoreRequest,
+    restore_guest,
+)
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            path=dict(type="path", required=True),
+            state=dict(type="str", default="as_saved", choices=list(STATE_CHOICES)),
+            name=dict(type="str"),
+            uuid=dict(type="str"),
+            emulator=dict(type="path"),
+            disk_check=dict(type="str", default="strict", choices=list(DISK_CHECK_CHOICES)),
+            remove_image=dict(type="bool", default=False),
+            parallel_channels=dict(type="int", default=1),
+            timeout=dict(type="float", default=600.0),
+            **QMP_COMMON_ARGS,
+        ),
+        supports_check_mode=True,
+    )
+    if not HAS_QEMU_QMP:
+        module.fail_json(msg=missing_required_lib(QEMU_QMP_REQUIREMENT), exception=QEMU_QMP_IMPORT_ERROR)
+    if not HAS_LXML:
+        module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_IMPORT_ERROR)
+    if module.params["timeout"] <= 0:
+        module.fail_json(msg="timeout must be a positive number of seconds")
+
+    params = module.params
+    request = RestoreRequest(
+        path=params["path"], state=params["state"], name=params["name"], uuid=params["uuid"],
+        emulator=params["emulator"], disk_check=params["disk_check"], remove_image=params["remove_image"],
+        parallel_channels=params["parallel_channels"], timeout=params["timeout"], trace=params["qmp_trace"])
+    try:
+        outcome = restore_guest(request, check_mode=module.check_mode)
+    except SaveStateError as error:
+        module.fail_json(msg=str(error))
+
+    result = dict(changed=outcome.changed, msg=outcome.msg, guest=outcome.guest, image=outcome.image)
+    if outcome.stats is not None:
+        result["stats"] = outcome.stats
+    if module._diff:
+        result["diff"] = dict(before=outcome.before, after=outcome.after)
+    if params["qmp_trace"]:
+        result["qmp_trace"] = outcome.trace
+    for warning in outcome.warnings:
+        module.warn(warning)
+    module.exit_json(**result)
+
+
+if __name__ == "__main__":
+    main()
