@@ -26,7 +26,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import (
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import ABIStabilityError, DomainXMLError
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveHeader
 
-from image_helpers import LIBVIRT_UUID, libvirt_image_bytes
+from unit.image_helpers import LIBVIRT_UUID, libvirt_image_bytes
 
 ODD_PATH = "/srv/vm images/it's \"quoted\"\nnew,line,,comma/ünï.qcow2"
 
@@ -72,8 +72,8 @@ def test_written_xml_is_what_libvirt_needs():
     assert root.find("devices/emulator") is None  # libvirt would check that the binary exists
     assert root.find("devices/memballoon").get("model") == "none"
     disks = root.findall("devices/disk")
-    assert [d.find("source").get("file") for d in disks] == ["/var/lib/images/web01.qcow2",
-                                                            "/var/lib/images/data.raw"]
+    sources = [d.find("source").get("file") for d in disks]
+    assert sources == ["/var/lib/images/web01.qcow2", "/var/lib/images/data.raw"]
     assert [d.find("target").get("dev") for d in disks] == ["vda", "vdb"]
     meta = root.find("metadata")[0]
     assert meta.tag == f"{{{NAMESPACE}}}qemu-save" and meta.prefix == "savestate"

@@ -36,7 +36,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image import (
     write_new_image,
 )
 
-from image_helpers import (
+from unit.image_helpers import (
     FAKE_STREAMS,
     LIBVIRT_UUID,
     SIMPLE_COOKIE,
@@ -131,8 +131,8 @@ def test_header_writes_host_byte_order():
 
 def test_header_matches_libvirts_bytes():
     # The worked example of the reference (libvirt 11.3.0, x86_64).
-    expected = bytes.fromhex("4c69627669727451656d756453617665" "02000000" "1b050100" "01000000" "00000000"
-                             "2f040000") + bytes(56)
+    expected = bytes.fromhex("4c69627669727451656d756453617665 02000000 1b050100 01000000 00000000 2f040000")
+    expected += bytes(56)
     header = SaveHeader(complete=True, version=2, data_len=66843, was_running=True, format=ImageFormat.RAW,
                         cookie_offset=1071, byte_order="<")
     assert header.pack() == expected

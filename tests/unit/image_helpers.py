@@ -19,7 +19,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image import (
     write_new_image,
 )
 
-FIXTURES = Path(__file__).resolve().parents[2] / "fixtures"
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
 LIBVIRT_UUID = "11111111-2222-3333-4444-555555555555"
 
 # A stream as QEMU starts one: the file magic, version 3, then a section. The rest is filler.
@@ -71,3 +71,25 @@ def make_image(path: Path, xml: str = SIMPLE_XML, cookie: str | None = SIMPLE_CO
 def raw_header(magic: bytes = b"LibvirtQemudSave", version: int = 2, data_len: int = 1000, was_running: int = 1,
                fmt: int = 0, cookie_offset: int = 0, order: str = "<", unused: bytes = bytes(56)) -> bytes:
     return struct.pack(order + "16s5I56s", magic, version, data_len, was_running, fmt, cookie_offset, unused)
+
+
+def savestate_record(disk_path: str = "/var/lib/images/web01.qcow2", name: str = "web01"):
+    """A guest as the save module records it, with one disk on the command line."""
+    from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import DiskRecord, GuestRecord
+
+    qemu = "/usr/bin/qemu-system-x86_64"
+    escaped = disk_path.replace(",", ",,")
+    return GuestRecord(
+        name=name, uuid="4c7a1a3e-30b6-4e55-9a55-3d7d2a1b0c11", memory_kib=131072, vcpus=1, arch="x86_64",
+        machine="pc-i440fx-10.0", domain_type="qemu", emulator=qemu, qemu_version="10.0.2",
+        argv=(qemu, "-name", f"guest={name}", "-machine", "pc", "-m", "128",
+              "-drive", f"file={escaped},format=qcow2,if=virtio,id=disk0", "-qmp", "unix:/run/q.sock,server=on"),
+        qmp="/run/q.sock",
+        disks=(DiskRecord(disk_path, "qcow2", 1048576, 1764000000000000000, "disk0"),),
+        saved_at="2026-11-24T13:40:16Z")
+
+
+def make_savestate_image(path: Path, record=None, **kwargs) -> Path:
+    from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import build_domain_xml
+
+    return make_image(path, xml=build_domain_xml(record or savestate_record()), cookie=None, **kwargs)
