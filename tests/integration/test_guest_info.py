@@ -60,8 +60,8 @@ def test_every_monitor_style_is_found_and_reported(qemu, guest_factory):
         reported = _by_pid(result["guests"])
         for style, guest in guests.items():
             entry = reported[guest.pid]
-            assert (entry["name"], entry["uuid"], entry["qmp"]) == (guest.spec.name, guest.spec.uuid,
-                                                                   guest.qmp_address), style
+            identity = (entry["name"], entry["uuid"], entry["qmp"])
+            assert identity == (guest.spec.name, guest.spec.uuid, guest.qmp_address), style
             assert entry["state"] == ("paused" if style == "pretty" else "running"), entry["state_reason"]
             assert entry["state_reason"] is None
             assert entry["managed_by"] == "none"
