@@ -36,6 +36,8 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image import (
     write_new_image,
 )
 
+from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, load_image
+
 from unit.image_helpers import (
     FAKE_STREAMS,
     LIBVIRT_UUID,
@@ -43,6 +45,7 @@ from unit.image_helpers import (
     SIMPLE_XML,
     libvirt_image_bytes,
     make_image,
+    make_savestate_image,
     raw_header,
     write_libvirt_fixture,
 )
@@ -358,15 +361,25 @@ def _mutation_positions(data: bytes) -> list[int]:
 
 
 def _read_or_clean_error(path) -> None:
+    """Read and parse (XML errors are ImageErrors too); anything but an ImageError fails the test."""
     try:
-        read_image(str(path), allow_incomplete=True)
+        image, record = load_image(str(path), allow_incomplete=True)
     except ImageError:
-        pass
+        return
+    assert describe_image(image, record)["path"] == str(path)
 
 
-@pytest.mark.parametrize("source", ["generated", "libvirt"])
+def _source_image(tmp_path, source: str) -> bytes:
+    if source == "libvirt":
+        return libvirt_image_bytes("raw")
+    if source == "savestate":
+        return make_savestate_image(tmp_path / "src.save").read_bytes()
+    return make_image(tmp_path / "src.save").read_bytes()
+
+
+@pytest.mark.parametrize("source", ["generated", "savestate", "libvirt"])
 def test_bit_flips_end_in_a_read_or_a_clean_error(tmp_path, source):
-    data = make_image(tmp_path / "src.save").read_bytes() if source == "generated" else libvirt_image_bytes("raw")
+    data = _source_image(tmp_path, source)
     path = tmp_path / "flipped.save"
     for position in _mutation_positions(data):
         for bit in range(8):
@@ -394,6 +407,23 @@ def test_absurd_lengths_end_in_a_clean_error(tmp_path, order, data_len, cookie_o
 def test_random_data_areas_end_in_a_read_or_a_clean_error(tmp_path, area, data_len, cookie_offset):
     path = tmp_path / "random.save"
     path.write_bytes(raw_header(data_len=data_len, cookie_offset=cookie_offset) + area + b"QEVM")
+    _read_or_clean_error(path)
+
+
+@pytest.fixture(scope="module")
+def savestate_image_bytes(tmp_path_factory) -> bytes:
+    return make_savestate_image(tmp_path_factory.mktemp("src") / "src.save").read_bytes()
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.function_scoped_fixture], deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 4000), st.integers(0, 255)), min_size=1, max_size=6))
+def test_random_xml_edits_end_in_a_read_or_a_clean_error(tmp_path, savestate_image_bytes, edits):
+    mutated = bytearray(savestate_image_bytes)
+    xml_end = mutated.index(b"\0", 92)
+    for offset, value in edits:
+        mutated[92 + offset % (xml_end - 92)] = value
+    path = tmp_path / "edited.save"
+    path.write_bytes(bytes(mutated))
     _read_or_clean_error(path)
 
 
