@@ -206,7 +206,7 @@ def _pin_machine_type(value: str, machine: str) -> str:
 def restore_argv(record: GuestRecord, emulator: str, extra_monitor: Optional[str]) -> list[str]:
     """The recorded command line, made to wait for the incoming stream."""
     argv = list(record.argv or ())
-    values = {index for index, _, _ in iter_options(argv)}
+    values = {index for index, _name, _value in iter_options(argv)}
     result = [emulator]
     skip_next = False
     for index, arg in enumerate(argv[1:], start=1):
@@ -492,7 +492,7 @@ class GuestRestorer:
         """What a killed QEMU leaves: our private socket, a pidfile naming it."""
         if private_monitor and os.path.exists(private_monitor):
             os.unlink(private_monitor)
-        for _, name, value in iter_options(self.record.argv or ()):
+        for _index, name, value in iter_options(self.record.argv or ()):
             if name == "pidfile" and os.path.isfile(value):
                 try:
                     with open(value, encoding="ascii", errors="replace") as pidfile:

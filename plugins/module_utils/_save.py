@@ -147,13 +147,13 @@ def locate_guest(request: SaveRequest) -> Optional[ActiveGuest]:
         pointed.append(("socket", {found_by_socket.pid} if found_by_socket else set()))
         if found_by_socket is not None:
             matches[found_by_socket.pid] = found_by_socket
-    common = set.intersection(*(pids for _, pids in pointed)) if pointed else set()
+    common = set.intersection(*(pids for _label, pids in pointed)) if pointed else set()
     if len(common) == 1:
         return matches[common.pop()]
     if len(common) > 1:
         raise PreconditionError(f"{request.identity()} matches {len(common)} active guests "
                                 f"(pids {sorted(common)}); give a uuid or socket to pick one")
-    if any(pids for _, pids in pointed):
+    if any(pids for _label, pids in pointed):
         described = "; ".join(f"{label} -> {', '.join(matches[p].describe() for p in sorted(pids)) or 'none'}"
                               for label, pids in pointed)
         raise PreconditionError(f"the identifiers given do not agree on one guest: {described}")
@@ -329,8 +329,7 @@ class GuestSaver:
         self.name = name
         self.uuid = uuid
         self.endpoint = endpoint
-        self.key = guest_key(uuid, name, guest.pid)
-        self.journals = JournalStore(self.key)
+        self.journals = JournalStore(guest_key(uuid, name, guest.pid))
         self.settings = MigrationSettings(monitor)
         self.warnings: list[str] = []
 
@@ -346,8 +345,7 @@ class GuestSaver:
         if check_mode:
             return self._outcome(True, f"would save {self._label()} to {self.request.path}", before,
                                  self._predicted_state(), None, None)
-        with GuestLock(self.key, self.request.timeout, f"save to {self.request.path}"):
-            return self._save_locked(plan, before)
+        return self._save(plan, before)
 
     def _label(self) -> str:
         return f"guest {self.name!r}"
@@ -378,9 +376,9 @@ class GuestSaver:
         check_free_space(os.path.dirname(self.request.path) or ".", self.monitor.memory_bytes())
         return plan
 
-    # -- the save, under the guest's lock --------------------------------------------------
+    # -- the save --------------------------------------------------------------------------
 
-    def _save_locked(self, plan: StreamPlan, before: dict[str, Any]) -> SaveOutcome:
+    def _save(self, plan: StreamPlan, before: dict[str, Any]) -> SaveOutcome:
         journal = self._journal()
         resumed = self._finish_interrupted_save(journal) if journal else None
         if resumed is not None:
@@ -601,15 +599,25 @@ def _image_matches_request(existing: ExistingImage, request: SaveRequest) -> boo
 
 
 def save_guest(request: SaveRequest, check_mode: bool = False) -> SaveOutcome:
-    """Save the guest the request identifies (see the module docstring for the order)."""
+    """Save the guest the request identifies (see the module docstring for the order).
+
+    The guest's lock is taken before its monitor is opened: QMP serves one client,
+    so a second save must queue on the lock rather than find the monitor busy. Once
+    it has the lock, the guest may be gone (the first save ended it): look again.
+    """
     guest = locate_guest(request)
     if guest is None:
         return already_saved(request)
-    refuse_libvirt_guest(guest)
-    endpoint = monitor_endpoint(request, guest)
-    with Monitor(endpoint, trace=request.trace) as monitor:
-        name, uuid = check_identity_over_qmp(monitor, request)
-        return GuestSaver(request, guest, monitor, name, uuid, endpoint).run(check_mode)
+    key = guest_key(guest.uuid, guest.name, guest.pid)
+    with GuestLock(key, request.timeout, f"save to {request.path}"):
+        guest = locate_guest(request)
+        if guest is None:
+            return already_saved(request)
+        refuse_libvirt_guest(guest)
+        endpoint = monitor_endpoint(request, guest)
+        with Monitor(endpoint, trace=request.trace) as monitor:
+            name, uuid = check_identity_over_qmp(monitor, request)
+            return GuestSaver(request, guest, monitor, name, uuid, endpoint).run(check_mode)
 
 
 # --- small helpers ---------------------------------------------------------------------

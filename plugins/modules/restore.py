@@ -10,7 +10,7 @@ module: restore
 short_description: Bring a QEMU guest back from a save image, in the state it was saved in
 version_added: 0.1.0
 author:
-  - savestate.qemu contributors
+  - savestate.qemu contributors (@savestate)
 description:
   - Starts QEMU from a save image written by M(savestate.qemu.save) and brings the guest back, running
     or paused as it was (or as O(state) says). The guest continues where it stopped; it does not boot.
@@ -143,24 +143,58 @@ guest:
   returned: success
   type: dict
   contains:
-    name: {description: The guest's name., type: str}
-    uuid: {description: The guest's UUID., type: str}
-    pid: {description: The QEMU process id., type: int}
-    state: {description: The QEMU run state, V(running) or V(paused)., type: str}
-    qmp: {description: The guest's QMP monitor., type: str}
-    managed_by: {description: Always V(none)., type: str}
+    name:
+      description: The guest's name.
+      type: str
+      sample: web1
+    uuid:
+      description: The guest's UUID.
+      type: str
+      sample: 9a4a1c4e-7f3b-4c1e-9d55-1b0f3f3c2e11
+    pid:
+      description: The QEMU process id (of the process already active, when nothing changed).
+      type: int
+      sample: 4317
+    state:
+      description: The QEMU run state, V(running) or V(paused).
+      type: str
+      sample: running
+    qmp:
+      description: The guest's QMP monitor.
+      type: str
+      sample: /run/qemu/web1.qmp
+    managed_by:
+      description: Always V(none).
+      type: str
+      sample: none
 image:
-  description: The image, as M(savestate.qemu.save_image_info) describes it.
+  description:
+    - The image, the same dict as M(savestate.qemu.save_image_info) returns (see there for its keys).
   returned: success
   type: dict
+  sample:
+    path: /var/lib/qemu/save/web1.save
+    complete: true
+    format: raw
+    was_running: true
+    name: web1
 stats:
   description: How long QEMU took to load the image, and how fast.
   returned: when the guest was restored
   type: dict
   contains:
-    duration_s: {description: Seconds from the start of the load to its end., type: float}
-    bytes: {description: The image's size., type: int}
-    throughput_mib_s: {description: Image MiB per second., type: float}
+    duration_s:
+      description: Seconds from the start of the load to its end.
+      type: float
+      sample: 0.92
+    bytes:
+      description: The image's size in bytes.
+      type: int
+      sample: 2147549184
+    throughput_mib_s:
+      description: Image MiB read per second.
+      type: float
+      sample: 2226.1
 qmp_trace:
   description: The QMP conversation, when O(qmp_trace=true).
   returned: when O(qmp_trace=true)

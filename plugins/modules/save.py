@@ -10,7 +10,7 @@ module: save
 short_description: Save a running QEMU guest's RAM and device state to a file
 version_added: 0.1.0
 author:
-  - savestate.qemu contributors
+  - savestate.qemu contributors (@savestate)
 description:
   - Pauses a QEMU guest, writes its RAM and device state to a save image, and then, by default,
     ends the QEMU process, like C(virsh save). M(savestate.qemu.restore) brings the guest back from
@@ -191,45 +191,66 @@ EXAMPLES = r"""
 
 RETURN = r"""
 image:
-  description: The image written (or found, when nothing changed).
+  description:
+    - The image written (or found, when nothing had to change).
+    - The same dict as M(savestate.qemu.save_image_info) returns, see there for its keys (V(path),
+      V(complete), V(version), V(format), V(was_running), V(name), V(uuid), V(memory_kib), V(vcpus),
+      V(machine), V(stream_offset), V(size), V(origin), V(metadata)).
   returned: when an image is at O(path) after the run
   type: dict
-  contains:
-    path: {description: The image file., type: str, sample: /var/lib/qemu/save/web1.save}
-    complete: {description: Whether the image carries the final magic C(LibvirtQemudSave)., type: bool}
-    version: {description: The header version (2)., type: int}
-    format: {description: The stream format., type: str, sample: raw}
-    was_running: {description: Whether a restore resumes the guest., type: bool}
-    name: {description: The guest's name., type: str}
-    uuid: {description: The guest's UUID., type: str}
-    memory_kib: {description: The guest's RAM in KiB., type: int}
-    vcpus: {description: The guest's virtual CPUs., type: int}
-    machine: {description: The resolved, versioned machine type., type: str, sample: pc-i440fx-10.0}
-    stream_offset: {description: Where QEMU's stream starts in the file (92 + data length)., type: int}
-    size: {description: The file's size in bytes., type: int}
-    origin: {description: V(savestate) for images this collection wrote, V(libvirt) for libvirt's., type: str}
-    metadata:
-      description: What restore needs (emulator, QEMU version, command line, QMP endpoint, disks, saved at).
-      type: dict
+  sample:
+    path: /var/lib/qemu/save/web1.save
+    complete: true
+    format: raw
+    was_running: true
+    name: web1
+    machine: pc-i440fx-10.0
 guest:
   description: The guest after the run.
   returned: always
   type: dict
   contains:
-    name: {description: The guest's name., type: str}
-    uuid: {description: The guest's UUID., type: str}
-    pid: {description: The QEMU process id (before it ended, for O(after_save=stop))., type: int}
-    state: {description: V(stopped) (the process ended), V(paused) or V(running)., type: str}
-    qmp: {description: The monitor the module used., type: str}
-    managed_by: {description: V(none) (libvirt guests are refused)., type: str}
+    name:
+      description: The guest's name.
+      type: str
+      sample: web1
+    uuid:
+      description: The guest's UUID.
+      type: str
+      sample: 9a4a1c4e-7f3b-4c1e-9d55-1b0f3f3c2e11
+    pid:
+      description: The QEMU process id; with O(after_save=stop), of the process that ended.
+      type: int
+      sample: 4242
+    state:
+      description: V(stopped) when the QEMU process ended, else V(paused) or V(running).
+      type: str
+      sample: stopped
+    qmp:
+      description: The monitor the module used.
+      type: str
+      sample: /run/qemu/web1.qmp
+    managed_by:
+      description: Always V(none); guests libvirt manages are refused.
+      type: str
+      sample: none
 stats:
   description: How long QEMU took to write the image, and how fast.
   returned: when an image was written
   type: dict
   contains:
-    duration_s: {description: Seconds from the start of the migration to the image being on disk., type: float}
-    bytes: {description: The image's size., type: int}
-    throughput_mib_s: {description: Image MiB per second., type: float}
+    duration_s:
+      description: Seconds from the start of the migration until the image was on disk.
+      type: float
+      sample: 1.84
+    bytes:
+      description: The image's size in bytes.
+      type: int
+      sample: 2147549184
+    throughput_mib_s:
+      description: Image MiB written per second.
+      type: float
+      sample: 1112.5
 qmp_trace:
   description: The QMP conversation, when O(qmp_trace=true).
   returned: when O(qmp_trace=true)

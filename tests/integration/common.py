@@ -1,0 +1,147 @@
+"""Helpers the save and restore integration tests share."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from harness.guest import Guest
+from harness.processes import all_processes
+from integration.ansible_runner import ANSIBLE, _environment, run_module
+
+COMPRESSORS = ("gzip", "bzip2", "xz", "lzop", "zstd")
+
+
+def save(guest: Guest | None = None, path: Path | str = "", check: bool = False, diff: bool = False,
+         env: dict[str, str] | None = None, **options: Any) -> dict[str, Any]:
+    """Run savestate.qemu.save through Ansible; ``guest`` adds ``name: <its name>``."""
+    args = {"path": str(path), **options}
+    if guest is not None and not {"name", "uuid", "socket"} & options.keys():
+        args["name"] = guest.spec.name
+    return run_module("save", args, check=check, diff=diff, env=env)
+
+
+def restore(path: Path | str, check: bool = False, diff: bool = False, **options: Any) -> dict[str, Any]:
+    return run_module("restore", {"path": str(path), **options}, check=check, diff=diff)
+
+
+def ok(result: dict[str, Any]) -> dict[str, Any]:
+    """The result, after asserting the module did not fail (with its message if it did)."""
+    assert not result["failed"], f"{result.get('msg')}\n{result['_stdout'][-3000:]}"
+    return result
+
+
+def failed(result: dict[str, Any], *fragments: str) -> str:
+    """Assert the module failed with a message containing every fragment; return it."""
+    assert result["failed"], f"expected a failure, got {result}"
+    message = result.get("msg", "")
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in {message!r}"
+    return message
+
+
+def assert_continued(guest: Guest, saved_tick: int, timeout: float = 30.0) -> None:
+    """The guest's heartbeat went on from where it was saved; it did not reboot."""
+    guest.wait_tick_above(saved_tick + 2, timeout)
+    assert guest.boots() == 1, "the guest booted again instead of resuming"
+    ticks = guest.ticks()
+    assert all(b == a + 1 for a, b in zip(ticks, ticks[1:])), "the heartbeat skipped or restarted"
+
+
+def assert_frozen(guest: Guest, seconds: float = 1.0) -> None:
+    before = guest.last_tick()
+    time.sleep(seconds)
+    assert guest.last_tick() == before, "a paused guest's heartbeat moved"
+
+
+def leftovers(directory: Path) -> list[str]:
+    """Temporary files a save left behind in ``directory``."""
+    return sorted(name for name in os.listdir(directory) if name.endswith(".partial"))
+
+
+def stray_helpers() -> list[str]:
+    """Live compressor processes that are our descendants (re-parented to the test)."""
+    me = os.getpid()
+    return [f"{p.comm} (pid {p.pid})" for p in all_processes()
+            if p.comm in COMPRESSORS and p.state != "Z" and p.ppid == me]
+
+
+def wait_for_file(directory: Path, suffix: str, timeout: float = 30.0, interval: float = 0.001) -> Path:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for name in os.listdir(directory):
+            if name.endswith(suffix):
+                return directory / name
+        time.sleep(interval)
+    raise TimeoutError(f"no *{suffix} file appeared in {directory} within {timeout} s")
+
+
+@contextmanager
+def background_module(module: str, args: dict[str, Any]) -> Iterator[subprocess.Popen]:
+    """Run a module through ``ansible`` in the background, in its own process group."""
+    with tempfile.TemporaryDirectory(prefix="ssq-bg-") as scratch:
+        env = _environment(Path(scratch) / "results.jsonl", None)
+        process = subprocess.Popen([str(ANSIBLE), "localhost", "-m", f"savestate.qemu.{module}",
+                                    "-a", json.dumps(args)], env=env, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        try:
+            yield process
+        finally:
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def kill_module_process(module: str) -> int:
+    """SIGKILL the running module's own process (Ansible's worker runs it in another session)."""
+    marker = f"AnsiballZ_{module}.py"
+    victims = [p.pid for p in all_processes()
+               if p.state != "Z" and len(p.argv) > 1 and p.argv[1].endswith(marker)]
+    assert len(victims) == 1, f"expected one {marker} process, found {victims}"
+    os.kill(victims[0], signal.SIGKILL)
+    return victims[0]
+
+
+class SpaceEater(threading.Thread):
+    """Fills a file system the moment a save's temporary file appears in it."""
+
+    def __init__(self, directory: Path, keep_free: int = 1024 * 1024) -> None:
+        super().__init__(daemon=True)
+        self.directory = directory
+        self.keep_free = keep_free
+        self.filled = threading.Event()
+
+    def run(self) -> None:
+        wait_for_file(self.directory, ".partial", timeout=60)
+        stat = os.statvfs(self.directory)
+        size = stat.f_bavail * stat.f_frsize - self.keep_free
+        fd = os.open(self.directory / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as error:
+            if error.errno != errno.ENOSPC:  # QEMU took some of it meanwhile: full either way
+                raise
+        finally:
+            os.close(fd)
+        self.filled.set()
+
+
+@contextmanager
+def tmpfs(mountpoint: Path, size_mib: int) -> Iterator[Path]:
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0755", "tmpfs", str(mountpoint)],
+                   check=True)
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", "-l", str(mountpoint)], check=False)
