@@ -206,7 +206,8 @@ def _pin_machine_type(value: str, machine: str) -> str:
 def restore_argv(record: GuestRecord, emulator: str, extra_monitor: Optional[str]) -> list[str]:
     """The recorded command line, made to wait for the incoming stream."""
     argv = list(record.argv or ())
-    values = {index for index, _name, _value in iter_options(argv)}
+    # iter_options gives a flag without a value (-daemonize, -S) its own index: count only real values
+    values = {index for index, _name, _value in iter_options(argv) if option_name(argv[index]) is None}
     result = [emulator]
     skip_next = False
     for index, arg in enumerate(argv[1:], start=1):
