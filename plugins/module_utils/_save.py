@@ -46,6 +46,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     MonitorClosedError,
     MonitorError,
     PreconditionError,
+    SaveStateError,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     ActiveGuest,
@@ -396,12 +397,15 @@ class GuestSaver:
 
     def _write_image(self, plan: StreamPlan, was_running: bool) -> tuple[str, dict[str, Any]]:
         directory = os.path.dirname(os.path.abspath(self.request.path))
-        fd, temp_path = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(self.request.path)}.",
-                                         suffix=".partial")
+        try:
+            fd, temp_path = tempfile.mkstemp(dir=directory, suffix=".partial",
+                                             prefix=f".{os.path.basename(self.request.path)}.")
+        except OSError as error:
+            raise MigrationError(f"cannot create the image in {directory}: {error.strerror}") from None
         journal = SaveJournal(self.guest.pid, process_start_time(self.guest.pid), was_running,
                               temp_path, self.request.path, plan.image_format.label)
-        self.journals.store(journal)
         try:
+            self.journals.store(journal)
             self.settings.apply(plan)
             record = build_record(self.monitor, self.guest, self.name, self.uuid, self.endpoint)
             restore_running = was_running if self.request.restore_state is None \
@@ -416,8 +420,16 @@ class GuestSaver:
                 stream.wait(self.request.timeout)
             self._seal(fd, header, temp_path)
             duration = time.monotonic() - started
+        except OSError as error:
+            raise MigrationError(f"writing the image in {directory} failed: {error.strerror or error}"
+                                 f"{_discard(temp_path)}") from None
+        except SaveStateError as error:
+            note = _discard(temp_path)
+            if note:
+                raise MigrationError(f"{error}{note}") from error
+            raise
         except BaseException:
-            _remove_quietly(temp_path)
+            _discard(temp_path)
             raise
         finally:
             os.close(fd)
@@ -645,6 +657,15 @@ def _remove_quietly(path: str) -> None:
         os.unlink(path)
     except FileNotFoundError:
         pass
+
+
+def _discard(temp_path: str) -> str:
+    """Remove a failed save's temporary file; a note for the error message if we cannot."""
+    try:
+        _remove_quietly(temp_path)
+    except OSError as error:
+        return f"; the temporary file {temp_path} could not be removed ({error.strerror}), delete it by hand"
+    return ""
 
 
 def _fsync_directory(directory: str) -> None:

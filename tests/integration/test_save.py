@@ -8,8 +8,10 @@ restore module's own cases are in test_restore.py.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import stat
+import subprocess
 import threading
 import time
 
@@ -17,6 +19,7 @@ import pytest
 
 from harness.guest import GuestSpec
 from harness.paths import VENV_DIR
+from harness.processes import all_processes
 from integration.common import (
     SpaceEater,
     assert_continued,
@@ -321,3 +324,74 @@ def test_module_killed_mid_save_is_finished_by_a_rerun(qemu, guest_factory, work
     saved_tick = guest.last_tick()
     assert ok(restore(path))["guest"]["state"] == "running"
     assert_continued(guest, saved_tick)
+
+
+def _kill_helper_once_streaming(workdir, program: str) -> threading.Thread:
+    def kill() -> None:
+        wait_for_file(workdir, ".partial")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            victims = [p.pid for p in all_processes() if p.comm == program and p.state != "Z"]
+            if victims:
+                time.sleep(0.3)
+                for pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=kill)
+    thread.start()
+    return thread
+
+
+def test_compressor_killed_mid_save(qemu, guest_factory, workdir):
+    guest = guest_factory(GuestSpec(name="no-gzip", qemu=qemu, fill_mib=64))
+    path = workdir / "gz.save"
+    earlier = _earlier_image(guest, path)
+    killer = _kill_helper_once_streaming(workdir, "gzip")
+    failed(save(guest, path, format="gzip"), "gzip", "status -9")
+    killer.join()
+    assert guest.status() == "running"
+    assert path.read_bytes() == earlier and leftovers(workdir) == [] and stray_helpers() == []
+
+
+def test_target_directory_removed_mid_save(qemu, guest_factory, workdir):
+    guest = guest_factory(GuestSpec(name="dir-gone", qemu=qemu, fill_mib=64))
+    directory = workdir / "vanishing"
+    directory.mkdir()
+
+    def remove_directory() -> None:
+        wait_for_file(directory, ".partial")
+        time.sleep(0.3)
+        shutil.rmtree(directory)
+
+    remover = threading.Thread(target=remove_directory)
+    remover.start()
+    failed(save(guest, directory / "x.save", format="gzip"), "failed")
+    remover.join()
+    assert guest.status() == "running" and not directory.exists() and stray_helpers() == []
+
+
+def test_target_directory_made_read_only_mid_save(qemu, guest_factory, workdir):
+    """chattr +i: even root can no longer create, rename or remove entries in it."""
+    guest = guest_factory(GuestSpec(name="dir-ro", qemu=qemu, fill_mib=64))
+    directory = workdir / "frozen"
+    directory.mkdir()
+    path = directory / "x.save"
+    earlier = _earlier_image(guest, path)
+
+    def freeze() -> None:
+        wait_for_file(directory, ".partial")
+        time.sleep(0.3)
+        subprocess.run(["chattr", "+i", str(directory)], check=True)
+
+    freezer = threading.Thread(target=freeze)
+    freezer.start()
+    try:
+        message = failed(save(guest, path, format="gzip"), "Operation not permitted")
+        freezer.join()
+        assert guest.status() == "running" and path.read_bytes() == earlier
+        assert "could not be removed" in message, "the message must say a temporary file is left"
+    finally:
+        subprocess.run(["chattr", "-i", str(directory)], check=True)
+    assert stray_helpers() == []
