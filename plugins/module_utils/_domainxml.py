@@ -94,6 +94,7 @@ class GuestRecord:
     qmp: Optional[str] = None
     disks: tuple[DiskRecord, ...] = field(default_factory=tuple)
     saved_at: Optional[str] = None
+    cwd: Optional[str] = None           # QEMU's working directory: relative paths in argv resolve from it
     origin: str = ORIGIN_SAVESTATE
 
     def metadata(self) -> Optional[dict[str, Any]]:
@@ -108,6 +109,7 @@ class GuestRecord:
             "qmp": self.qmp,
             "disks": [disk.to_dict() for disk in self.disks],
             "saved_at": self.saved_at,
+            "cwd": self.cwd,
         }
 
 
@@ -337,7 +339,8 @@ def _record_from_tree(root: Any) -> GuestRecord:
     return GuestRecord(
         emulator=_child_text(meta, "emulator"), qemu_version=_child_text(meta, "qemu-version"),
         argv=_metadata_argv(meta), qmp=_child_text(meta, "qmp"), disks=_metadata_disks(meta),
-        saved_at=_child_text(meta, "saved-at"), origin=ORIGIN_SAVESTATE, **common)
+        saved_at=_child_text(meta, "saved-at"), cwd=_child_text(meta, "cwd"), origin=ORIGIN_SAVESTATE,
+        **common)
 
 
 def parse_domain_xml(xml: str) -> GuestRecord:
@@ -394,6 +397,7 @@ def _build_metadata(metadata: Any, record: GuestRecord, domain_name: str) -> Non
     _meta_text(meta, "machine", record.machine)
     _meta_text(meta, "qmp", record.qmp)
     _meta_text(meta, "saved-at", record.saved_at)
+    _meta_text(meta, "cwd", record.cwd)
     if record.argv is not None:
         argv = etree.SubElement(meta, _tag("argv"))
         for arg in record.argv:

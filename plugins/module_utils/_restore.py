@@ -11,16 +11,19 @@ Nothing runs before the image has been judged safe to act on:
 
 1. trust: the image decides what QEMU runs, so it must not be writable by anyone
    but root and its owner, nor sit in a directory others could swap it in;
-2. the image itself: complete, supported, with our metadata (the command line);
-3. identity: no other active guest (libvirt's included) holds its name or UUID;
-   the guest itself already active means there is nothing to do;
+2. the image itself: complete, supported, with our metadata (the command line),
+   of the guest the ``name``/``uuid`` options expect;
+3. identity, under the guest's lock (the one saves take): no other active guest
+   (libvirt's included) holds its name or UUID; the guest itself already active
+   means there is nothing to do, or only to resume it;
 4. the emulator is a QEMU system emulator, the decompressor is installed, and the
    disks are the ones the RAM was saved against.
 
-Then QEMU starts from the recorded command line with ``-S -incoming defer``,
-detached from the module, the stream flows in, and the guest is put in the
-requested state. Any failure kills and reaps that QEMU, removes what the restore
-created and leaves the image untouched.
+Then QEMU starts from the recorded command line with ``-S -incoming defer``, in
+the working directory it was saved in, detached from the module; the stream
+flows in and the guest is put in the requested state. Any failure kills and reaps
+that QEMU, removes what the restore created and leaves the image untouched; the
+image is removed (``remove_image``) only once the guest is in its target state.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     MigrationError,
     MonitorError,
     PreconditionError,
+    SaveStateError,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._host import check_identity
+from ansible_collections.savestate.qemu.plugins.module_utils._host import ActiveGuest, check_identity
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveImage
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, load_image
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor, parse_endpoint
@@ -51,6 +55,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
     escape_option_value,
     iter_options,
     option_name,
+    option_values,
     split_option_string,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._runtime import GuestLock, guest_key, runtime_dir
@@ -70,6 +75,11 @@ DROPPED_FLAGS = ("S", "daemonize")
 DROPPED_WITH_VALUE = ("incoming", "loadvm")
 QEMU_PROGRAM_PREFIXES = ("qemu-system-", "qemu-kvm")
 STARTUP_TIMEOUT = 60.0
+# How long a QEMU whose monitor dropped may take to exit before we stop waiting for its reason.
+EXIT_GRACE = 5.0
+HELPER_GRACE = 1.0
+LOG_TAIL_BYTES = 4000
+LOG_TAIL_LINES = 8
 MIB = 1024 * 1024
 
 
@@ -117,12 +127,25 @@ def _untrusted_writers(info: os.stat_result, allowed_uids: set[int]) -> Optional
     return None
 
 
+def _parents(path: str) -> list[str]:
+    """``/a/b/c`` -> ``[/a/b, /a, /]``."""
+    parents = []
+    directory = os.path.dirname(path)
+    while True:
+        parents.append(directory)
+        if directory == os.path.dirname(directory):
+            return parents
+        directory = os.path.dirname(directory)
+
+
 def check_image_trust(path: str) -> None:
     """Refuse an image that a user other than root or its owner could have written.
 
     The image holds the command line QEMU will run, so whoever can change it can
     run programs as the user who restores. That covers the file itself and every
-    directory on the way to it: whoever can write one of those can swap the image.
+    directory on the way to it, along the path as given (a symbolic link there can
+    be swapped) and along the resolved path: whoever can write one of those can
+    swap the image.
     """
     real = os.path.realpath(path)
     try:
@@ -138,22 +161,28 @@ def check_image_trust(path: str) -> None:
             f"refusing to restore {path}: the image {problem} (mode {stat.S_IMODE(info.st_mode):04o}). Its "
             "command line decides what QEMU runs, so only root and the image's owner may be able to "
             "change it; fix it with chmod go-w")
-    directory = os.path.dirname(real)
-    while True:
+    directories = _parents(os.path.abspath(path))
+    directories += [directory for directory in _parents(real) if directory not in directories]
+    for directory in directories:
         problem = _untrusted_writers(os.stat(directory), allowed)
         if problem:
             raise PreconditionError(
                 f"refusing to restore {path}: the directory {directory} {problem}, so users other than "
-                "root and the image's owner could replace the image")
-        if directory == "/":
-            return
-        directory = os.path.dirname(directory)
+                "root and the image's owner could replace the image; move the image, or fix the "
+                "directory (chmod go-w, or chmod +t for a shared directory such as /tmp)")
 
 
-def check_emulator(emulator: str) -> None:
-    """The emulator must be a QEMU system emulator binary that only root can replace."""
-    program = os.path.basename(emulator)
-    if not program.startswith(QEMU_PROGRAM_PREFIXES):
+def _qemu_program_name(path: str) -> bool:
+    return os.path.basename(path).startswith(QEMU_PROGRAM_PREFIXES)
+
+
+def check_emulator(emulator: str) -> str:
+    """The emulator must be a QEMU system emulator binary that only root can replace.
+
+    Returns the path to run. The name is checked before anything else: the image
+    (or the user) could otherwise make a restore run any program.
+    """
+    if not _qemu_program_name(emulator):
         raise PreconditionError(
             f"refusing to run {emulator!r}: the emulator must be a QEMU system emulator "
             "(qemu-system-* or qemu-kvm)")
@@ -161,9 +190,15 @@ def check_emulator(emulator: str) -> None:
     if not resolved or not os.path.isfile(resolved) or not os.access(resolved, os.X_OK):
         raise PreconditionError(f"the emulator {emulator} does not exist or is not executable on this host; "
                                 "give the right path with the emulator option")
+    real = os.path.realpath(resolved)
+    if not _qemu_program_name(real):
+        raise PreconditionError(
+            f"refusing to run {emulator!r}: it is a link to {real}, which is not a QEMU system emulator "
+            "(qemu-system-* or qemu-kvm)")
     problem = _untrusted_writers(os.stat(resolved), {0, os.geteuid()})
     if problem:
         raise PreconditionError(f"refusing to run {resolved}: it {problem}")
+    return resolved
 
 
 # --- disks -------------------------------------------------------------------------------
@@ -226,8 +261,25 @@ def restore_argv(record: GuestRecord, emulator: str, extra_monitor: Optional[str
     if record.machine and not any(option_name(a) in ("machine", "M") for a in argv[1:]):
         result += ["-machine", record.machine]
     if extra_monitor is not None:
-        result += ["-qmp", f"unix:{extra_monitor},server=on,wait=off"]
+        monitor = f"unix:{extra_monitor},server=on,wait=off"
+        if monitor not in option_values(argv, "qmp"):  # a guest restored before already has it
+            result += ["-qmp", monitor]
     return result + ["-S", "-incoming", "defer"]
+
+
+def launch_directory(cwd: Optional[str]) -> tuple[str, Optional[str]]:
+    """Where to start QEMU, and a warning when it cannot be where the saved QEMU ran.
+
+    Relative paths on the recorded command line (disks, sockets, logs) resolve from
+    QEMU's working directory, so the restored QEMU starts in the recorded one.
+    """
+    if cwd and os.path.isdir(cwd):
+        return cwd, None
+    if cwd:
+        why = f"QEMU's working directory at the save, {cwd}, is gone"
+    else:
+        why = "the image does not record QEMU's working directory"
+    return "/", f"{why}; QEMU starts in / instead, so relative paths on its command line resolve from /"
 
 
 def recorded_unix_monitor(record: GuestRecord) -> Optional[str]:
@@ -250,7 +302,7 @@ class LaunchedQemu:
 
     It runs in its own session with stdin on /dev/null and stdout/stderr in a log
     file of ours: nothing ties it to the module's pipes, and QEMU's own messages
-    (a rejected stream on QEMU 7.2 exits with one) can be quoted on failure.
+    (why it refused to start, why it rejected the stream) can be quoted on failure.
     """
 
     def __init__(self, argv: list[str], log_path: str, cwd: str) -> None:
@@ -261,6 +313,7 @@ class LaunchedQemu:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                                             cwd=cwd, close_fds=True, start_new_session=True)
         except OSError as error:
+            os.unlink(log_path)
             raise PreconditionError(f"cannot start {argv[0]}: {error.strerror}") from None
         finally:
             os.close(log_fd)
@@ -269,40 +322,58 @@ class LaunchedQemu:
     def pid(self) -> int:
         return self.process.pid
 
-    def exited(self) -> bool:
-        return self.process.poll() is not None
+    def exited(self, grace: float = 0.0) -> bool:
+        """Whether QEMU has exited, waiting up to ``grace`` seconds for it to do so."""
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
     def log_tail(self) -> str:
+        """The end of QEMU's output, one line per message."""
         try:
             with open(self.log_path, "rb") as log:
-                log.seek(max(0, os.fstat(log.fileno()).st_size - 4000))
-                text = log.read().decode(errors="replace").strip()
+                log.seek(max(0, os.fstat(log.fileno()).st_size - LOG_TAIL_BYTES))
+                text = log.read().decode(errors="replace")
         except OSError:
             return ""
-        return "\n".join(line for line in text.splitlines() if line.strip())[-2000:]
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return " / ".join(lines[-LOG_TAIL_LINES:])
 
-    def reason(self) -> str:
-        """QEMU's own words on why it stopped, for error messages."""
-        code = self.process.poll()
-        status = f"QEMU exited with status {code}" if code is not None else "QEMU is still running"
+    def said(self) -> str:
+        """``; QEMU said: ...`` with QEMU's own messages, or nothing when it printed none."""
         tail = self.log_tail()
-        return f"{status}: {tail}" if tail else status
+        return f"; QEMU said: {tail}" if tail else ""
+
+    def exit_status(self) -> str:
+        code = self.process.returncode
+        if code is not None and code < 0:
+            return f"was killed by signal {-code}"
+        return f"exited with status {code}"
 
     def kill(self) -> None:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait()
 
+    def remove_log(self) -> None:
+        try:
+            os.unlink(self.log_path)
+        except FileNotFoundError:
+            pass
+
     def wait_for_monitor(self, socket_path: str, timeout: float) -> None:
         """Until QEMU listens on its monitor (or exits, or ``timeout`` passes)."""
         deadline = time.monotonic() + timeout
         while True:
             if self.exited():
-                raise MigrationError(f"QEMU did not start: {self.reason()}")
+                raise MigrationError(f"QEMU did not start: it {self.exit_status()}{self.said()}")
             if _accepts_connections(socket_path):
                 return
             if time.monotonic() > deadline:
-                raise MigrationError(f"QEMU did not open its monitor {socket_path} within {timeout:g} s")
+                raise MigrationError(f"QEMU did not open its monitor {socket_path} within {timeout:g} s"
+                                     f"{self.said()}")
             time.sleep(0.05)
 
 
@@ -317,9 +388,58 @@ def _accepts_connections(path: str) -> bool:
 
 # --- the restore --------------------------------------------------------------------------
 
-def _guest_summary(record: GuestRecord, pid: Optional[int], state: str, qmp: Optional[str]) -> dict[str, Any]:
-    return {"name": record.name, "uuid": record.uuid, "pid": pid, "state": state, "qmp": qmp,
-            "managed_by": "none"}
+def _decompressor_failure(stream: Stream) -> Optional[str]:
+    """The decompressor's error, if it failed; it gets a moment to finish its last words."""
+    helper = stream.helper
+    if helper is None:
+        return None
+    try:
+        helper.process.wait(HELPER_GRACE)
+    except subprocess.TimeoutExpired:
+        return None  # still running: not the cause
+    if helper.process.returncode == -signal.SIGPIPE:
+        return None  # QEMU stopped reading first: a consequence, not the cause
+    return helper.failure()
+
+
+def _holder(guest: ActiveGuest) -> str:
+    return guest.describe() + (", managed by libvirt," if guest.libvirt_managed else "")
+
+
+def _guest_summary(name: Optional[str], uuid: Optional[str], pid: Optional[int], state: str,
+                   qmp: Optional[str]) -> dict[str, Any]:
+    return {"name": name, "uuid": uuid, "pid": pid, "state": state, "qmp": qmp, "managed_by": "none"}
+
+
+def _active_outcome(guest: ActiveGuest, request: RestoreRequest, check_mode: bool,
+                    image: Optional[dict[str, Any]], why: str) -> RestoreOutcome:
+    """The guest is already active: leave it, or resume it if it is paused and ``state=running``."""
+    if guest.libvirt_managed:
+        raise GuestConflictError(f"domain '{guest.name}' is already active (managed by libvirt, "
+                                 f"{guest.describe()}); use virsh to manage it")
+    endpoint = str(guest.endpoint) if guest.endpoint else None
+    state, changed, trace = "unknown", False, []
+    if endpoint is not None:
+        with Monitor(endpoint, trace=request.trace) as monitor:
+            state = monitor.status()
+            if state == "inmigrate":
+                raise PreconditionError(
+                    f"domain '{guest.name}' is already active, but as a QEMU still waiting for or loading "
+                    f"an incoming migration ({guest.describe()}): another restore is under way, or an "
+                    f"interrupted one left this process behind. If nothing else is restoring it, end that "
+                    f"process (kill {guest.pid}) and run the restore again")
+            changed = request.state == "running" and state == "paused"
+            if changed and not check_mode:
+                monitor.execute("cont")
+                state = monitor.status()
+            elif changed:
+                state = "running"
+            trace = monitor.trace
+    verb = "resumed it" if changed else "left it as it is"
+    return RestoreOutcome(changed, f"domain '{guest.name}' is already active{why}; {verb}",
+                          _guest_summary(guest.name, guest.uuid, guest.pid, state, endpoint), image,
+                          before={"guest": {"state": "paused" if changed else state}},
+                          after={"guest": {"state": state}}, trace=trace)
 
 
 class GuestRestorer:
@@ -334,54 +454,33 @@ class GuestRestorer:
         self.warnings: list[str] = []
         self.trace: list[dict[str, Any]] = []
 
-    def target_running(self) -> bool:
+    @property
+    def target(self) -> str:
         if self.request.state == "as_saved":
-            return self.image.was_running
-        return self.request.state == "running"
+            return "running" if self.image.was_running else "paused"
+        return self.request.state
+
+    def describe(self) -> dict[str, Any]:
+        return describe_image(self.image, self.record)
 
     # -- checks ---------------------------------------------------------------------------
 
     def check_identity(self) -> Optional[RestoreOutcome]:
-        """None if the guest is not active; an outcome if it already is."""
+        """None if the guest is not active; an outcome if it already is (libvirt's words on conflicts)."""
         identity = check_identity(self.record.name, self.record.uuid)
         if identity.name_only is not None:
             holder = identity.name_only
             raise GuestConflictError(
                 f"domain '{self.record.name}' already exists with uuid {holder.uuid}: "
-                f"{holder.describe()} is active under that name; the image is uuid {self.record.uuid}")
+                f"{_holder(holder)} is active under that name; the image is uuid {self.record.uuid}")
         if identity.uuid_only is not None:
             holder = identity.uuid_only
             raise GuestConflictError(
                 f"domain '{holder.name}' is already defined with uuid {self.record.uuid}: "
-                f"{holder.describe()} holds the image's UUID; the image is guest '{self.record.name}'")
+                f"{_holder(holder)} holds the image's UUID; the image is guest '{self.record.name}'")
         if identity.both is None:
             return None
-        return self._already_active(identity.both)
-
-    def _already_active(self, guest: Any) -> RestoreOutcome:
-        description = describe_image(self.image, self.record)
-        if guest.libvirt_managed:
-            raise GuestConflictError(f"domain '{self.record.name}' is already active (managed by libvirt, "
-                                     f"{guest.describe()})")
-        endpoint = str(guest.endpoint) if guest.endpoint else None
-        state = "unknown"
-        changed = False
-        if endpoint is not None:
-            with Monitor(endpoint, trace=self.request.trace) as monitor:
-                state = monitor.status()
-                if self.request.state == "running" and state == "paused":
-                    changed = True
-                    if not self.check_mode:
-                        monitor.execute("cont")
-                        state = monitor.status()
-                    else:
-                        state = "running"
-                self.trace = monitor.trace
-        verb = "resumed" if changed else "left as it is"
-        return RestoreOutcome(changed, f"domain '{self.record.name}' is already active; {verb}",
-                              _guest_summary(self.record, guest.pid, state, endpoint), description,
-                              before={"guest": {"state": "paused" if changed else state}},
-                              after={"guest": {"state": state}}, trace=self.trace)
+        return _active_outcome(identity.both, self.request, self.check_mode, self.describe(), "")
 
     def check_disks(self) -> None:
         if self.request.disk_check == "ignore":
@@ -403,64 +502,77 @@ class GuestRestorer:
             raise PreconditionError(f"the image is {self.image.format.label}-compressed and {compressor.program} "
                                     "is not installed on this host")
 
-    # -- the restore ------------------------------------------------------------------------
-
-    def run(self) -> RestoreOutcome:
+    def preflight(self) -> str:
+        """Everything that can refuse the restore before QEMU runs; returns the emulator to run."""
         emulator = self.request.emulator or self.record.emulator
         if not emulator or not self.record.argv:
             raise PreconditionError(f"{self.request.path} records no QEMU command line")
-        check_emulator(emulator)
+        resolved = check_emulator(emulator)
         self.check_decompressor()
         self.check_disks()
-        target = "running" if self.target_running() else "paused"
-        before = {"guest": {"state": "stopped"}, "image": {"exists": True}}
-        after = {"guest": {"state": target},
-                 "image": {"exists": not self.request.remove_image}}
-        if self.check_mode:
-            return RestoreOutcome(True, f"would restore guest '{self.record.name}' from {self.request.path}",
-                                  _guest_summary(self.record, None, target, self.record.qmp),
-                                  describe_image(self.image, self.record), None, before, after, self.warnings)
-        key = guest_key(self.record.uuid, self.record.name, 0)
-        with GuestLock(key, self.request.timeout, f"restore from {self.request.path}"):
-            return self._restore_locked(emulator, key, target, before, after)
+        return resolved
 
-    def _restore_locked(self, emulator: str, key: str, target: str, before: dict[str, Any],
-                        after: dict[str, Any]) -> RestoreOutcome:
-        already = self.check_identity()  # again, under the lock: a parallel run may have won
-        if already is not None:
-            return already
+    # -- the restore ------------------------------------------------------------------------
+
+    def _diff(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        before = {"guest": {"state": "stopped"}, "image": {"exists": True}}
+        after = {"guest": {"state": self.target}, "image": {"exists": not self.request.remove_image}}
+        return before, after
+
+    def predict(self) -> RestoreOutcome:
+        """Check mode: everything checked, nothing started, nothing created."""
+        self.preflight()
+        before, after = self._diff()
+        return RestoreOutcome(True, f"would restore guest '{self.record.name}' from {self.request.path}",
+                              _guest_summary(self.record.name, self.record.uuid, None, self.target,
+                                             self.record.qmp),
+                              self.describe(), None, before, after, self.warnings)
+
+    def restore(self, key: str) -> RestoreOutcome:
+        """Start QEMU and load the image; call with the guest's lock held and identity checked."""
+        emulator = self.preflight()
         monitor_path = recorded_unix_monitor(self.record)
         private_monitor = None if monitor_path else os.path.join(runtime_dir(), f"{key}.qmp")
-        argv = restore_argv(self.record, emulator, private_monitor)
-        qemu = LaunchedQemu(argv, os.path.join(runtime_dir(), f"{key}.log"), "/")
+        cwd, warning = launch_directory(self.record.cwd)
+        if warning:
+            self.warnings.append(warning)
+        qemu = LaunchedQemu(restore_argv(self.record, emulator, private_monitor),
+                            os.path.join(runtime_dir(), f"{key}.log"), cwd)
         try:
-            stats, state = self._load(qemu, monitor_path or private_monitor, target)
+            stats, state = self._load(qemu, monitor_path or private_monitor)
         except BaseException:
             qemu.kill()
-            self._remove_leftovers(private_monitor, qemu.pid)
+            self._remove_leftovers(qemu, private_monitor, cwd)
             raise
-        description = describe_image(self.image, self.record)
-        if self.request.remove_image:
-            os.unlink(self.request.path)
+        self._remove_image()
+        before, after = self._diff()
         return RestoreOutcome(True, f"restored guest '{self.record.name}' from {self.request.path}",
-                              _guest_summary(self.record, qemu.pid, state, self.record.qmp or monitor_path),
-                              description, stats, before, after, self.warnings, self.trace)
+                              _guest_summary(self.record.name, self.record.uuid, qemu.pid, state,
+                                             self.record.qmp or monitor_path or private_monitor),
+                              self.describe(), stats, before, after, self.warnings, self.trace)
 
-    def _load(self, qemu: LaunchedQemu, monitor_path: str, target: str) -> tuple[dict[str, Any], str]:
-        qemu.wait_for_monitor(monitor_path, min(self.request.timeout, STARTUP_TIMEOUT))
+    def _load(self, qemu: LaunchedQemu, monitor_path: str) -> tuple[dict[str, Any], str]:
+        # QEMU's start-up is not part of the load: a tiny timeout must not fail a healthy start.
+        try:
+            qemu.wait_for_monitor(monitor_path, STARTUP_TIMEOUT)
+        except MigrationError as error:
+            if "machine type" not in str(error) or not self.record.machine:
+                raise
+            raise MigrationError(
+                f"{error}. The guest was saved on machine type {self.record.machine} by QEMU "
+                f"{self.record.qemu_version or '(unknown version)'}; restore it with a QEMU that has this "
+                "machine type (the same version or a newer one)") from None
         monitor = Monitor(monitor_path, trace=self.request.trace)
         try:
             with monitor:
                 stats = self._stream_in(monitor, qemu)
-                if target == "running":
+                if self.target == "running":
                     monitor.execute("cont")
                 state = monitor.status()
-                if state != target:
-                    raise MigrationError(f"the guest is {state} after the restore, not {target}")
+                if state != self.target:
+                    raise MigrationError(f"the guest is {state} after the restore, not {self.target}")
         except MonitorError as error:
-            if qemu.exited():
-                raise MigrationError(f"QEMU rejected the image: {qemu.reason()}") from None
-            raise MigrationError(f"restore failed: {error}") from None
+            raise MigrationError(self._qemu_failure(qemu, f"restore failed: {error}")) from None
         finally:
             self.trace = monitor.trace
         return stats, state
@@ -475,13 +587,11 @@ class GuestRestorer:
         started = time.monotonic()
         try:
             with Stream(monitor, plan, fd, self.image.stream_offset, self.request.path, outgoing=False) as stream:
-                stream.start()
                 try:
+                    stream.start()
                     stream.wait(self.request.timeout)
-                except MigrationError as error:
-                    if qemu.exited():
-                        raise MigrationError(f"QEMU rejected the image: {qemu.reason()}") from None
-                    raise MigrationError(f"{error}") from None
+                except (MigrationError, MonitorError) as error:
+                    raise MigrationError(self._stream_failure(qemu, stream, error, started)) from None
         finally:
             os.close(fd)
         duration = time.monotonic() - started
@@ -489,23 +599,57 @@ class GuestRestorer:
         return {"duration_s": round(duration, 3), "bytes": size,
                 "throughput_mib_s": round(size / MIB / duration, 1) if duration > 0 else None}
 
-    def _remove_leftovers(self, private_monitor: Optional[str], pid: int) -> None:
-        """What a killed QEMU leaves: our private socket, a pidfile naming it."""
+    def _stream_failure(self, qemu: LaunchedQemu, stream: Stream, error: SaveStateError, started: float) -> str:
+        """Why the load failed, in QEMU's and the decompressor's own words."""
+        timeout = self.request.timeout
+        if time.monotonic() - started >= timeout and not qemu.exited():
+            return (f"the image did not load within the timeout of {timeout:g} s; QEMU was stopped and the "
+                    "image left as it was")
+        decompressor = _decompressor_failure(stream)
+        text = self._qemu_failure(qemu, str(error), EXIT_GRACE if isinstance(error, MonitorError) else 0.2)
+        if decompressor is not None and decompressor not in text:
+            text = f"the decompressor failed ({decompressor}); {text}"
+        return text
+
+    @staticmethod
+    def _qemu_failure(qemu: LaunchedQemu, error_text: str, grace: float = EXIT_GRACE) -> str:
+        # QEMU 7.2 exits on a bad stream: the monitor drops a moment before the process ends,
+        # and only its output says why. Newer QEMU stays up (exit-on-error: false) and reports
+        # a summary over QMP, with the detail again only in its output.
+        if qemu.exited(grace):
+            return f"QEMU rejected the image: it {qemu.exit_status()}{qemu.said()}"
+        return f"{error_text}{qemu.said()}"
+
+    def _remove_image(self) -> None:
+        """``remove_image``: only now, with the guest confirmed in its target state."""
+        if not self.request.remove_image:
+            return
+        try:
+            os.unlink(self.request.path)
+        except OSError as error:
+            self.warnings.append(f"the guest is restored, but the image could not be removed: "
+                                 f"{error.strerror}")
+
+    def _remove_leftovers(self, qemu: LaunchedQemu, private_monitor: Optional[str], cwd: str) -> None:
+        """What a killed QEMU leaves: its log, our private socket, a pidfile naming it."""
+        qemu.remove_log()
         if private_monitor and os.path.exists(private_monitor):
             os.unlink(private_monitor)
         for _index, name, value in iter_options(self.record.argv or ()):
-            if name == "pidfile" and os.path.isfile(value):
-                try:
-                    with open(value, encoding="ascii", errors="replace") as pidfile:
-                        if pidfile.read().strip() == str(pid):
-                            os.unlink(value)
-                except OSError:
-                    pass
+            if name != "pidfile" or not value:
+                continue
+            pidfile = os.path.join(cwd, value)  # QEMU resolved a relative one from its working directory
+            try:
+                with open(pidfile, encoding="ascii", errors="replace") as handle:
+                    if handle.read().strip() == str(qemu.pid):
+                        os.unlink(pidfile)
+            except OSError:
+                pass
 
 
-def restore_guest(request: RestoreRequest, check_mode: bool = False) -> RestoreOutcome:
-    check_image_trust(request.path)
-    image, record = load_image(request.path)
+# --- entry point --------------------------------------------------------------------------
+
+def _check_expected_identity(request: RestoreRequest, record: GuestRecord) -> None:
     if record.origin != "savestate":
         raise PreconditionError(
             f"{request.path} is a libvirt save image: it records no QEMU command line, only libvirt can "
@@ -514,8 +658,38 @@ def restore_guest(request: RestoreRequest, check_mode: bool = False) -> RestoreO
         raise PreconditionError(f"{request.path} is a save image of guest '{record.name}', not '{request.name}'")
     if request.uuid is not None and (record.uuid or "").lower() != request.uuid.lower():
         raise PreconditionError(f"{request.path} is a save image of uuid {record.uuid}, not {request.uuid}")
+
+
+def _consumed_image(request: RestoreRequest, check_mode: bool) -> Optional[RestoreOutcome]:
+    """With ``remove_image``, a missing image and the guest active: an earlier run restored it.
+
+    The image no longer tells who the guest is, so this takes ``name`` or ``uuid``.
+    """
+    if not request.remove_image or os.path.lexists(request.path):
+        return None
+    if request.name is None and request.uuid is None:
+        raise ImageError(f"{request.path} does not exist. If an earlier run restored it with remove_image, "
+                         "give the guest's name or uuid as well, and a re-run finds the guest active")
+    identity = check_identity(request.name, request.uuid)
+    if identity.both is None or identity.conflict:
+        wanted = " and ".join(f"{label} {value}" for label, value in (("name", request.name),
+                                                                      ("uuid", request.uuid)) if value)
+        raise ImageError(f"{request.path} does not exist, and no active guest has {wanted}")
+    return _active_outcome(identity.both, request, check_mode, None,
+                           f" and {request.path} is gone (restored by an earlier run with remove_image)")
+
+
+def restore_guest(request: RestoreRequest, check_mode: bool = False) -> RestoreOutcome:
+    consumed = _consumed_image(request, check_mode)
+    if consumed is not None:
+        return consumed
+    check_image_trust(request.path)
+    image, record = load_image(request.path)
+    _check_expected_identity(request, record)
     restorer = GuestRestorer(request, image, record, check_mode)
-    already = restorer.check_identity()
-    if already is not None:
-        return already
-    return restorer.run()
+    if check_mode:
+        return restorer.check_identity() or restorer.predict()
+    key = guest_key(record.uuid, record.name, 0)
+    # The lock first: a restore or save of this guest running in parallel finishes before we look.
+    with GuestLock(key, request.timeout, f"restore from {request.path}"):
+        return restorer.check_identity() or restorer.restore(key)

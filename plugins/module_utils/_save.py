@@ -287,6 +287,14 @@ def emulator_path(guest: ActiveGuest) -> str:
     return shutil.which(guest.argv[0]) or guest.argv[0]
 
 
+def process_cwd(pid: int) -> Optional[str]:
+    """QEMU's working directory: relative paths on its command line resolve from it."""
+    try:
+        return os.readlink(f"/proc/{pid}/cwd")
+    except OSError:
+        return None
+
+
 def build_record(monitor: Monitor, guest: ActiveGuest, name: Optional[str], uuid: str,
                  endpoint: str) -> GuestRecord:
     if not name:
@@ -308,6 +316,7 @@ def build_record(monitor: Monitor, guest: ActiveGuest, name: Optional[str], uuid
         qmp=endpoint,
         disks=disk_records(monitor),
         saved_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        cwd=process_cwd(guest.pid),
     )
 
 

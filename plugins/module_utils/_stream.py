@@ -239,7 +239,8 @@ class HelperProcess:
         code = self.process.poll()
         if code is None or code == 0:
             return None
-        return f"{self.argv[0]} exited with status {code}{self._stderr_tail()}"
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        return f"{self.argv[0]} {how}{self._stderr_tail()}"
 
     def wait(self, timeout: float) -> None:
         try:

@@ -15,16 +15,20 @@ description:
   - Starts QEMU from a save image written by M(savestate.qemu.save) and brings the guest back, running
     or paused as it was (or as O(state) says). The guest continues where it stopped; it does not boot.
   - QEMU runs the command line recorded in the image, waiting for the incoming stream (C(-S -incoming
-    defer)), on the exact machine type the guest was saved on. The QEMU process is detached from the
-    module and outlives the task.
+    defer)), on the exact machine type the guest was saved on, in the working directory the saved QEMU
+    ran in (so that relative paths on its command line still resolve). The QEMU process is detached from
+    the module and outlives the task.
   - Before it runs anything, the module checks that the image is trustworthy (no user but root and the
     image's owner can have written it or its directory), complete and readable; that no active guest on
     the host, libvirt's included, holds the image's name or UUID; that the emulator is a QEMU system
     emulator; that the decompressor is installed; and that the guest's disks are unchanged since the
     save.
-  - On any failure (QEMU rejects the stream, a timeout, the decompressor dies) the started QEMU is
-    killed and reaped, what the restore created is removed, and the image is left untouched. The
-    message quotes QEMU's own reason.
+  - On any failure (QEMU refuses to start, rejects the stream, a timeout, the decompressor dies) the
+    started QEMU is killed and reaped, what the restore created is removed, and the image is left
+    untouched. The message quotes QEMU's own reason.
+  - A guest holding only the image's name, or only its UUID, is a conflict and the module fails with
+    libvirt's words (C(domain 'web1' already exists with uuid ...), C(domain 'web2' is already defined
+    with uuid ...)), naming the process that holds it.
   - libvirt's own images record no QEMU command line; restore them with C(virsh restore).
 extends_documentation_fragment:
   - savestate.qemu._attributes
@@ -83,6 +87,9 @@ options:
   remove_image:
     description:
       - Delete the image once the guest is confirmed in its target state, like libvirt's managed save.
+        On failure the image stays.
+      - On a re-run the image is gone. Give O(name) or O(uuid) too, and a re-run that finds that guest
+        active reports it unchanged (without them it fails: nothing tells which guest the image was).
     type: bool
     default: false
   parallel_channels:
@@ -94,12 +101,17 @@ options:
   timeout:
     description:
       - Seconds the load may take before the restore is abandoned (QEMU killed, image untouched).
+        QEMU's start-up (up to 60 seconds) does not count.
       - Also how long to wait for another save or restore of the same guest to finish.
     type: float
     default: 600
 notes:
   - Run it as root (C(become=true)), as QEMU ran.
-  - QEMU's output goes to a log in C(/run/savestate-qemu) (for root), named after the guest's UUID.
+  - QEMU's output goes to a log in C(/run/savestate-qemu) (for root), named after the guest's UUID. A
+    failed restore removes it, after quoting it in the message.
+  - An image may come from another host or another QEMU version. QEMU loads a stream only on the same
+    versioned machine type with the same devices; older to newer QEMU works, newer to older does not
+    (see the restore guide).
 requirements:
   - qemu.qmp >= 0.0.4 and lxml on the managed host.
   - The decompressor of a compressed image (gzip, bzip2, xz, lzop or zstd) on the managed host.
@@ -152,11 +164,13 @@ guest:
       type: str
       sample: 9a4a1c4e-7f3b-4c1e-9d55-1b0f3f3c2e11
     pid:
-      description: The QEMU process id (of the process already active, when nothing changed).
+      description: The QEMU process id (of the process already active, when nothing changed; V(null) in
+        check mode when the guest would be started).
       type: int
       sample: 4317
     state:
-      description: The QEMU run state, V(running) or V(paused).
+      description: The QEMU run state, V(running) or V(paused) (another QEMU state when an already active
+        guest is in one).
       type: str
       sample: running
     qmp:
@@ -170,7 +184,7 @@ guest:
 image:
   description:
     - The image, the same dict as M(savestate.qemu.save_image_info) returns (see there for its keys).
-  returned: success
+  returned: success, except when O(remove_image=true) and an earlier run already removed the image
   type: dict
   sample:
     path: /var/lib/qemu/save/web1.save
@@ -253,7 +267,9 @@ def main() -> None:
     except SaveStateError as error:
         module.fail_json(msg=str(error))
 
-    result = dict(changed=outcome.changed, msg=outcome.msg, guest=outcome.guest, image=outcome.image)
+    result = dict(changed=outcome.changed, msg=outcome.msg, guest=outcome.guest)
+    if outcome.image is not None:
+        result["image"] = outcome.image
     if outcome.stats is not None:
         result["stats"] = outcome.stats
     if module._diff:

@@ -157,6 +157,7 @@ metadata:
         node: disk0
         target: null
     saved_at: "2026-11-24T13:40:16Z"
+    cwd: /var/lib/qemu/web01
   contains:
     emulator:
       description: Path of the QEMU binary that ran the guest.
@@ -180,6 +181,9 @@ metadata:
       elements: dict
     saved_at:
       description: When the image was written (ISO 8601, UTC).
+      type: str
+    cwd:
+      description: The saved QEMU's working directory; relative paths in RV(metadata.argv) resolve from it.
       type: str
 """
 

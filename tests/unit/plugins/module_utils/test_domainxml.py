@@ -63,6 +63,17 @@ def test_round_trip():
     assert parse_domain_xml(xml) == original
 
 
+def test_working_directory_round_trips_and_is_optional():
+    """QEMU's working directory (relative paths in argv resolve from it), any characters."""
+    guest = record(cwd="/srv/vm dir/it's\nü")
+    xml = build_domain_xml(guest)
+    assert "<savestate:cwd" in xml
+    parsed = parse_domain_xml(xml)
+    assert parsed.cwd == guest.cwd and parsed.metadata()["cwd"] == guest.cwd
+    assert parse_domain_xml(build_domain_xml(record())).cwd is None
+    assert "savestate:cwd" not in build_domain_xml(record())
+
+
 def test_written_xml_is_what_libvirt_needs():
     root = etree.fromstring(build_domain_xml(record()).encode())
     assert root.tag == "domain" and root.get("type") == "kvm"
