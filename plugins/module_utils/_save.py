@@ -379,7 +379,7 @@ class GuestSaver:
         blockers = self.monitor.migration_blockers()
         if blockers:
             raise PreconditionError(f"cannot migrate domain: {'; '.join(blockers)}")
-        plan = plan_save(self.request.image_format, Features.probe(self.monitor),
+        plan = plan_save(self.request.image_format, Features.probe(self.monitor, self.guest.exe),
                          self.request.parallel_channels, self.request.bypass_cache)
         check_compressor(self.request.image_format)
         check_target(self.request, existing, self.name, self.uuid)
@@ -544,7 +544,7 @@ class GuestSaver:
             if time.monotonic() > deadline:
                 raise MigrationError(f"the image is saved, but QEMU (pid {self.guest.pid}) did not exit "
                                      f"within {QUIT_TIMEOUT:g} s of 'quit'")
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     def _refresh_fingerprints(self, image_path: str) -> None:
         """Record the disks as QEMU left them on exit; restore compares against these."""

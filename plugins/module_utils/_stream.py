@@ -26,6 +26,8 @@ The stream never passes through Python. Per route:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shlex
 import socket
@@ -38,16 +40,20 @@ from typing import Any, Optional
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     MigrationError,
     MonitorError,
+    MonitorTimeoutError,
     PreconditionError,
     QMPCommandError,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image import Compressor, ImageFormat
+from ansible_collections.savestate.qemu.plugins.module_utils._runtime import runtime_dir
 
 # QEMU's default max-bandwidth is 128 MiB/s; a save to a file must not be throttled.
 # This is the value libvirt uses for "unlimited" (INT64_MAX rounded down to MiB).
 UNLIMITED_BANDWIDTH = 9223372036853727232
 TERMINAL_STATUSES = ("completed", "failed", "cancelled")
 POLL_INTERVAL = 0.05
+# How often the wait for QEMU's MIGRATION event wakes up to check on the helper.
+EVENT_SLICE = 0.25
 # Bigger socket buffers than the default let QEMU and the compressor run in parallel.
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
 FD_NAME = "savestate-stream"
@@ -68,18 +74,84 @@ class Features:
     # tells this apart, so this one check goes by version.
     file_offset_truncates: bool
 
+    exit_on_error: bool = False
+
     @classmethod
-    def probe(cls, monitor: Any) -> Features:
+    def probe(cls, monitor: Any, binary: Optional[str] = None) -> Features:
+        """Ask QEMU. What only the QAPI schema tells (a big reply) is cached per QEMU binary."""
         capabilities = monitor.migration_capabilities()
         version = monitor.version()
+        schema_facts = SchemaFactsCache.lookup(binary, version)
+        if schema_facts is None:
+            schema_facts = {"file_transport": monitor.supports_file_transport(),
+                            "exit_on_error": monitor.supports_incoming_exit_on_error()}
+            SchemaFactsCache.store(binary, version, schema_facts)
         return cls(
             can_pass_fds=monitor.endpoint.is_unix,
-            file_transport=monitor.supports_file_transport(),
+            file_transport=schema_facts["file_transport"],
             mapped_ram="mapped-ram" in capabilities,
             multifd="multifd" in capabilities,
             direct_io="direct-io" in monitor.migration_parameters(),
             file_offset_truncates=(8, 2, 0) <= version < (9, 0, 2),
+            exit_on_error=schema_facts["exit_on_error"],
         )
+
+
+class SchemaFactsCache:
+    """Facts read from ``query-qmp-schema``, kept per QEMU binary in the runtime directory.
+
+    The schema is QEMU's largest reply (over 100 ms to fetch and parse); what we read
+    from it depends only on the binary, so it is keyed by the binary's path, size,
+    mtime and reported version, and recomputed whenever one of them changes.
+    """
+
+    FILE_NAME = "qemu-schema-facts.json"
+
+    @classmethod
+    def _key(cls, binary: Optional[str], version: tuple[int, int, int]) -> Optional[str]:
+        if not binary:
+            return None
+        try:
+            info = os.stat(binary)
+        except OSError:
+            return None
+        return f"{os.path.realpath(binary)}:{info.st_size}:{info.st_mtime_ns}:{'.'.join(map(str, version))}"
+
+    @classmethod
+    def _path(cls) -> str:
+        return os.path.join(runtime_dir(), cls.FILE_NAME)
+
+    @classmethod
+    def lookup(cls, binary: Optional[str], version: tuple[int, int, int]) -> Optional[dict[str, bool]]:
+        key = cls._key(binary, version)
+        if key is None:
+            return None
+        try:
+            with open(cls._path(), encoding="utf-8") as handle:
+                facts = json.load(handle).get(key)
+        except (OSError, ValueError, AttributeError):
+            return None
+        return facts if isinstance(facts, dict) else None
+
+    @classmethod
+    def store(cls, binary: Optional[str], version: tuple[int, int, int], facts: dict[str, bool]) -> None:
+        key = cls._key(binary, version)
+        if key is None:
+            return
+        try:
+            with open(cls._path(), encoding="utf-8") as handle:
+                known = json.load(handle)
+        except (OSError, ValueError):
+            known = {}
+        known = known if isinstance(known, dict) else {}
+        known[key] = facts
+        temp = cls._path() + f".{os.getpid()}"
+        try:
+            with open(temp, "w", encoding="utf-8") as handle:
+                json.dump(known, handle)
+            os.replace(temp, cls._path())
+        except OSError:
+            pass  # a cache: failing to write it costs the next run 100 ms, nothing more
 
 
 @dataclass(frozen=True)
@@ -91,6 +163,7 @@ class StreamPlan:
     capabilities: dict[str, bool] = field(default_factory=dict)
     parameters: dict[str, Any] = field(default_factory=dict)
     bypass_cache: bool = False
+    exit_on_error: bool = False
 
     @property
     def compressor(self) -> Optional[Compressor]:
@@ -164,11 +237,11 @@ def plan_restore(image_format: ImageFormat, features: Features, parallel_channel
     _check_options(image_format, parallel_channels, bypass_cache)
     if image_format == ImageFormat.SPARSE:
         capabilities, parameters = _sparse_settings(features, parallel_channels, bypass_cache, False)
-        return StreamPlan("fdset", image_format, capabilities, parameters, bypass_cache)
+        return StreamPlan("fdset", image_format, capabilities, parameters, bypass_cache, features.exit_on_error)
     if image_format.compressor is not None:
-        return StreamPlan("socket", image_format)
+        return StreamPlan("socket", image_format, exit_on_error=features.exit_on_error)
     file_ok = features.file_transport and not features.file_offset_truncates
-    return StreamPlan("fdset" if file_ok else "fd", image_format)
+    return StreamPlan("fdset" if file_ok else "fd", image_format, exit_on_error=features.exit_on_error)
 
 
 # --- migration settings --------------------------------------------------------------
@@ -307,6 +380,7 @@ class Stream:
         self._fdset: Optional[int] = None
         self._named_fd = False
         self._extra_fds: list[int] = []
+        self._events = contextlib.ExitStack()
 
     # -- starting -----------------------------------------------------------------------
 
@@ -314,9 +388,11 @@ class Stream:
         """Hand QEMU the stream and issue ``migrate`` / ``migrate-incoming``."""
         target = getattr(self, f"_route_{self.plan.route}")()
         command = "migrate" if self.outgoing else "migrate-incoming"
-        if not self.outgoing and self.monitor.supports_incoming_exit_on_error():
+        if not self.outgoing and self.plan.exit_on_error:
             # Keep QEMU alive after a bad stream so that its reason reaches us over QMP.
             target["exit-on-error"] = False
+        # Listen before the command: the MIGRATION event that ends the wait may come at once.
+        self._events.enter_context(self.monitor.listen("MIGRATION"))
         try:
             self.monitor.execute(command, target)
         except QMPCommandError as error:
@@ -384,6 +460,9 @@ class Stream:
         """
         deadline = time.monotonic() + timeout
         while True:
+            self._await_migration_event(min(EVENT_SLICE, max(deadline - time.monotonic(), 0.001)))
+            # Asked after every event or slice: the status is the truth (an event can be
+            # missed), and asking is also how we notice that QEMU itself died.
             info = self.monitor.query_migrate()
             status = info.get("status", "none")
             if status in TERMINAL_STATUSES:
@@ -396,19 +475,46 @@ class Stream:
                 self.cancel()
                 raise MigrationError(f"the migration did not finish within {timeout:g} s "
                                      f"(QEMU status {status}); it was cancelled")
-            time.sleep(POLL_INTERVAL)
         if status != "completed":
             raise MigrationError(self._failure_message(info))
         if self.helper is not None:
             self.helper.wait(max(deadline - time.monotonic(), 10.0))
         return info
 
+    def _await_migration_event(self, timeout: float) -> None:
+        """Return when QEMU announces a terminal MIGRATION status, or after ``timeout``."""
+        try:
+            self.monitor.wait_event("MIGRATION", lambda event: event.get("data", {}).get("status")
+                                    in TERMINAL_STATUSES, timeout=timeout)
+        except MonitorTimeoutError:
+            pass
+
     def _failure_message(self, info: dict[str, Any]) -> str:
-        reason = info.get("error-desc") or f"status {info.get('status')}"
-        helper_failure = self.helper.failure() if self.helper else None
+        reason = info.get("error-desc") or self._unexplained_failure(info.get("status"))
+        helper_failure = self._helper_failure_after_qemu()
         if helper_failure:
             reason = f"{reason} ({helper_failure})"
         return f"QEMU's migration {'to' if self.outgoing else 'from'} the image failed: {reason}"
+
+    def _helper_failure_after_qemu(self) -> Optional[str]:
+        """The helper's failure, giving it a moment to end: QEMU may notice its death first."""
+        if self.helper is None:
+            return None
+        try:
+            self.helper.process.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        return self.helper.failure()
+
+    def _unexplained_failure(self, status: Optional[str]) -> str:
+        """QEMU 7.2 fails without an ``error-desc``; say what we can see ourselves."""
+        try:
+            usage = os.statvfs(os.path.dirname(self.path) or ".")
+        except OSError:
+            usage = None
+        if self.outgoing and usage is not None and usage.f_bavail * usage.f_frsize < 1024 * 1024:
+            return f"No space left on device (the file system of {os.path.dirname(self.path)} is full)"
+        return f"QEMU reports status {status} and gives no reason"
 
     def cancel(self) -> None:
         """Cancel an outgoing migration and wait until QEMU has let go of it."""
@@ -430,6 +536,7 @@ class Stream:
 
     def close(self) -> None:
         """Release everything the stream handed out, on every path; best effort."""
+        self._events.close()
         if self.helper is not None:
             self.helper.close()
         for fd in self._extra_fds:

@@ -63,6 +63,30 @@ def qemu_processes(marker: str) -> list[ProcessInfo]:
             if is_qemu(p) and p.state != "Z" and any(marker in arg for arg in p.argv)]
 
 
+def descendants(pid: int) -> list[ProcessInfo]:
+    """Every live process below ``pid``, whatever session or group it moved to."""
+    processes = all_processes()
+    children: dict[int, list[ProcessInfo]] = {}
+    for info in processes:
+        children.setdefault(info.ppid, []).append(info)
+    found, pending = [], [pid]
+    while pending:
+        for child in children.get(pending.pop(), []):
+            found.append(child)
+            pending.append(child.pid)
+    return [info for info in found if info.state != "Z"]
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL ``pid`` and all its descendants (Ansible's workers start new sessions)."""
+    victims = [info.pid for info in descendants(pid)] + [pid]
+    for victim in victims:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def reap_zombie_children(skip: set[int] = frozenset()) -> None:
     """Reap exited QEMU processes that were re-parented to us (see module docstring)."""
     me = os.getpid()

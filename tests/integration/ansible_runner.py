@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.paths import PROJECT_ROOT, VENV_DIR
+from harness.processes import kill_tree
 
 ANSIBLE = VENV_DIR / "bin" / "ansible"
 COLLECTION = "savestate.qemu"
@@ -46,8 +47,16 @@ def run_module(module: str, args: dict[str, Any] | None = None, check: bool = Fa
         argv.append("--diff")
     with tempfile.TemporaryDirectory(prefix="ssq-ansible-") as scratch:
         result_file = Path(scratch) / "results.jsonl"
-        completed = subprocess.run(argv, cwd=PROJECT_ROOT, env=_environment(result_file, env),
-                                   capture_output=True, text=True, timeout=timeout, check=False)
+        process = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=_environment(result_file, env),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(process.pid)  # the module runs in a worker's own session: kill it too
+            stdout, stderr = process.communicate()
+            raise AnsibleRunError(f"{name} did not finish within {timeout:g} s\n"
+                                  f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}") from None
+        completed = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
         return _host_result(completed, result_file)
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from harness.guest import Guest
-from harness.processes import all_processes
+from harness.processes import all_processes, descendants, kill_tree
 from integration.ansible_runner import ANSIBLE, _environment, run_module
 
 COMPRESSORS = ("gzip", "bzip2", "xz", "lzop", "zstd")
@@ -98,15 +98,14 @@ def background_module(module: str, args: dict[str, Any]) -> Iterator[subprocess.
             yield process
         finally:
             if process.poll() is None:
-                os.killpg(process.pid, signal.SIGKILL)
+                kill_tree(process.pid)
             process.wait()
 
 
-def kill_module_process(module: str) -> int:
-    """SIGKILL the running module's own process (Ansible's worker runs it in another session)."""
+def kill_module_process(run: subprocess.Popen, module: str) -> int:
+    """SIGKILL the module process of a background ``ansible`` run (its worker runs it in another session)."""
     marker = f"AnsiballZ_{module}.py"
-    victims = [p.pid for p in all_processes()
-               if p.state != "Z" and len(p.argv) > 1 and p.argv[1].endswith(marker)]
+    victims = [p.pid for p in descendants(run.pid) if len(p.argv) > 1 and p.argv[1].endswith(marker)]
     assert len(victims) == 1, f"expected one {marker} process, found {victims}"
     os.kill(victims[0], signal.SIGKILL)
     return victims[0]
