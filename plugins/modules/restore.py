@@ -89,7 +89,7 @@ options:
       - Delete the image once the guest is confirmed in its target state, like libvirt's managed save.
         On failure the image stays.
       - On a re-run the image is gone. Give O(name) or O(uuid) too, and a re-run that finds that guest
-        active reports it unchanged (without them it fails: nothing tells which guest the image was).
+        active reports it unchanged. Without them a re-run fails, as nothing tells which guest the image was.
     type: bool
     default: false
   parallel_channels:
