@@ -26,6 +26,7 @@ import platform
 import re
 import resource
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -76,10 +77,11 @@ def drop_caches() -> None:
         pass  # not root, or not allowed in this container: loads may then hit the page cache
 
 
-def timed(action: Callable[[], Any]) -> tuple[float, Any]:
+def timed(action: Callable[[], Any]) -> float:
+    """Seconds ``action`` took; it raises on failure."""
     started = time.monotonic()
-    result = action()
-    return time.monotonic() - started, result
+    action()
+    return time.monotonic() - started
 
 
 def wait_migration(address: str, timeout: float = 1800) -> dict:
@@ -157,28 +159,25 @@ class Contenders:
 
     def savestate_ansible(self, image_format: str) -> None:
         path = self.images / f"ansible.{image_format}"
-        seconds, result = timed(lambda: run_module("save", {"name": self.guest.spec.name, "path": str(path),
-                                                           "format": image_format}))
-        _check(result)
+        save_args = {"name": self.guest.spec.name, "path": str(path), "format": image_format}
+        seconds = timed(lambda: _check(run_module("save", save_args)))
         self.record("savestate via ansible", image_format, "save", seconds, path)
         drop_caches()
-        seconds, result = timed(lambda: run_module("restore", {"path": str(path)}))
-        _check(result)
+        seconds = timed(lambda: _check(run_module("restore", {"path": str(path)})))
         self.record("savestate via ansible", image_format, "restore", seconds, path)
         path.unlink()
 
     def virsh(self, image_format: str) -> None:
         path = self.images / f"virsh.{image_format}"
-        seconds, _ = timed(lambda: self.libvirt.save(self.libvirt_name, path, image_format))
+        seconds = timed(lambda: self.libvirt.save(self.libvirt_name, path, image_format))
         self.record("virsh", image_format, "save", seconds, path)
         drop_caches()
-        seconds, _ = timed(lambda: self.libvirt.restore(path))
+        seconds = timed(lambda: self.libvirt.restore(path))
         self.record("virsh", image_format, "restore", seconds, path)
         path.unlink()
 
 
 def _connectable(address: str) -> bool:
-    import socket
     with socket.socket(socket.AF_UNIX) as probe:
         try:
             probe.connect(address)
@@ -187,9 +186,10 @@ def _connectable(address: str) -> bool:
     return True
 
 
-def _check(result: dict) -> None:
+def _check(result: dict) -> dict:
     if result.get("failed"):
         raise RuntimeError(f"module failed: {result.get('msg')}")
+    return result
 
 
 def _op(operation: str, arguments: dict) -> tuple[float, int]:
@@ -197,7 +197,7 @@ def _op(operation: str, arguments: dict) -> tuple[float, int]:
     process = subprocess.Popen([str(VENV_DIR / "bin" / "python"), str(ROOT / "benchmarks" / "op.py"),
                                 operation, json.dumps(arguments)], stdout=subprocess.PIPE, text=True)
     output = process.stdout.read()
-    _, status, usage = os.wait4(process.pid, 0)
+    status, usage = os.wait4(process.pid, 0)[1:]
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"benchmarks/op.py {operation} failed")
@@ -212,7 +212,7 @@ def disk_bandwidth(directory: Path, size_gib: int, samples: list[Sample]) -> Non
                        "conv=fsync"]),
             ("read", ["dd", f"if={target}", "of=/dev/null", "bs=4M", "iflag=direct"])):
         drop_caches()
-        seconds, _ = timed(lambda: subprocess.run(argv, check=True, capture_output=True))
+        seconds = timed(lambda: subprocess.run(argv, check=True, capture_output=True))
         samples.append(Sample(size_gib, "disk (dd, O_DIRECT)", "-", operation, seconds, target.stat().st_size))
     target.unlink()
 
@@ -289,8 +289,8 @@ def target_ratios(table: dict, size: int) -> list[tuple[str, Optional[float], fl
 
     ours = "savestate module_utils"
     return [
-        ("save raw / QEMU migrate file: + fsync", ratio(seconds(ours, "raw", "save"),
-                                                      seconds("QEMU migrate file:", "raw", "save+fsync")), 1.10),
+        ("save raw / QEMU migrate file: + fsync",
+         ratio(seconds(ours, "raw", "save"), seconds("QEMU migrate file:", "raw", "save+fsync")), 1.10),
         ("save raw / virsh save raw", ratio(seconds(ours, "raw", "save"), seconds("virsh", "raw", "save")), 0.4),
         ("save zstd / virsh save zstd", ratio(seconds(ours, "zstd", "save"),
                                               seconds("virsh", "zstd", "save")), 0.5),
@@ -305,10 +305,13 @@ def machine_facts() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024 // 1024
-    qemu = subprocess.run([str(SYSTEM_QEMU.binary), "--version"], capture_output=True, text=True).stdout.split("\n")[0]
-    libvirt = subprocess.run(["virsh", "--version"], capture_output=True, text=True).stdout.strip()
-    disk = subprocess.run(["df", "--output=source,fstype", str(CACHE_DIR)], capture_output=True,
-                          text=True).stdout.splitlines()[-1]
+
+    def output(*argv: str) -> str:
+        return subprocess.run(argv, capture_output=True, text=True, check=True).stdout
+
+    qemu = output(str(SYSTEM_QEMU.binary), "--version").split("\n")[0]
+    libvirt = output("virsh", "--version").strip()
+    disk = output("df", "--output=source,fstype", str(CACHE_DIR)).splitlines()[-1]
     return (f"Machine: {os.cpu_count()} × {cpu}, {memory} GiB RAM, kernel {platform.release()}, images on "
             f"{' '.join(disk.split())}; {qemu}; libvirt {libvirt}; guests under TCG.")
 
