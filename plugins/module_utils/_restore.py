@@ -453,6 +453,7 @@ class GuestRestorer:
         self.record = record
         self.warnings: list[str] = []
         self.trace: list[dict[str, Any]] = []
+        self.emulator: Optional[str] = None
 
     @property
     def target(self) -> str:
@@ -530,7 +531,7 @@ class GuestRestorer:
 
     def restore(self, key: str) -> RestoreOutcome:
         """Start QEMU and load the image; call with the guest's lock held and identity checked."""
-        emulator = self.preflight()
+        emulator = self.emulator = self.preflight()
         monitor_path = recorded_unix_monitor(self.record)
         private_monitor = None if monitor_path else os.path.join(runtime_dir(), f"{key}.qmp")
         cwd, warning = launch_directory(self.record.cwd)
@@ -581,7 +582,9 @@ class GuestRestorer:
         status = monitor.status()
         if status != "inmigrate":
             raise MigrationError(f"QEMU started in state {status!r} instead of waiting for the image")
-        plan = plan_restore(self.image.format, Features.probe(monitor), self.request.parallel_channels)
+        # The binary keys the cache of what QEMU's (large) QAPI schema says: a restore starts a new QEMU.
+        plan = plan_restore(self.image.format, Features.probe(monitor, self.emulator),
+                            self.request.parallel_channels)
         MigrationSettings(monitor).apply(plan)
         fd = os.open(self.request.path, os.O_RDONLY | os.O_CLOEXEC)
         started = time.monotonic()
