@@ -47,7 +47,12 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     PreconditionError,
     SaveStateError,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._host import ActiveGuest, check_identity
+from ansible_collections.savestate.qemu.plugins.module_utils._host import (
+    ActiveGuest,
+    check_identity,
+    guest_name,
+    guest_uuid,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveImage
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, load_image
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor, parse_endpoint
@@ -657,10 +662,27 @@ def _check_expected_identity(request: RestoreRequest, record: GuestRecord) -> No
         raise PreconditionError(
             f"{request.path} is a libvirt save image: it records no QEMU command line, only libvirt can "
             f"restore it (virsh restore {request.path})")
+    _check_command_line_identity(request.path, record)
     if request.name is not None and record.name != request.name:
         raise PreconditionError(f"{request.path} is a save image of guest '{record.name}', not '{request.name}'")
     if request.uuid is not None and (record.uuid or "").lower() != request.uuid.lower():
         raise PreconditionError(f"{request.path} is a save image of uuid {record.uuid}, not {request.uuid}")
+
+
+def _check_command_line_identity(path: str, record: GuestRecord) -> None:
+    """The identity checks go by the XML, QEMU runs the command line: they must agree.
+
+    A save writes both from the same guest; a disagreement means a damaged or edited
+    image, and restoring it could start a guest under a name or UUID no check saw.
+    """
+    argv = record.argv or ()
+    name, uuid = guest_name(argv), guest_uuid(argv)
+    if name != record.name:
+        raise ImageError(f"{path}: the image's domain XML names the guest {record.name!r}, but its recorded "
+                         f"command line runs {name!r}; the image is damaged or was edited by hand")
+    if uuid is not None and uuid != (record.uuid or "").lower():
+        raise ImageError(f"{path}: the image's domain XML has UUID {record.uuid}, but its recorded command "
+                         f"line runs {uuid}; the image is damaged or was edited by hand")
 
 
 def _consumed_image(request: RestoreRequest, check_mode: bool) -> Optional[RestoreOutcome]:

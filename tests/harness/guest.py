@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, QMPClient
 
 from harness.assets import ensure_guest_assets
 from harness.processes import pid_gone, kill_and_wait
@@ -212,16 +212,27 @@ class Guest:
 
 def qmp_execute(address: str, command: str, arguments: dict[str, Any] | None = None,
                 timeout: float = 10.0) -> Any:
+    """One command on a fresh connection.
+
+    Connection errors are retried until ``timeout``: right after another client
+    (a module under test) lets go of the monitor, QEMU may still be tearing that
+    session down and refuse or drop the next one for a moment.
+    """
     host, port = address.rpartition(":")[::2]
     target: str | tuple[str, int] = (host, int(port)) if port.isdigit() and host else address
 
     async def run() -> Any:
-        client = QMPClient("harness")
-        await client.connect(target)
-        try:
-            return await client.execute(command, arguments)
-        finally:
-            await client.disconnect()
+        while True:
+            client = QMPClient("harness")
+            try:
+                await client.connect(target)
+            except (ConnectError, OSError):
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                return await client.execute(command, arguments)
+            finally:
+                await client.disconnect()
 
     loop = asyncio.new_event_loop()
     try:

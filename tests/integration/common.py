@@ -10,16 +10,17 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from harness.guest import Guest
-from harness.processes import all_processes, descendants, kill_tree
+from harness.processes import all_processes, descendants, kill_tree, qemu_processes
 from integration.ansible_runner import ANSIBLE, _environment, run_module
 
 COMPRESSORS = ("gzip", "bzip2", "xz", "lzop", "zstd")
+RUNTIME_DIR = Path("/run/savestate-qemu")
 
 
 def save(guest: Guest | None = None, path: Path | str = "", check: bool = False, diff: bool = False,
@@ -67,6 +68,46 @@ def assert_frozen(guest: Guest, seconds: float = 1.0) -> None:
 def leftovers(directory: Path) -> list[str]:
     """Temporary files a save left behind in ``directory``."""
     return sorted(name for name in os.listdir(directory) if name.endswith(".partial"))
+
+
+def helpers_on(program: str, directory: Path) -> list[int]:
+    """Live ``program`` processes whose stdin or stdout is a file under ``directory``.
+
+    That is how a test finds *its* compressor (it writes the image) or decompressor
+    (it reads it), even with other tests running compressors at the same time.
+    """
+    found = []
+    for process in all_processes():
+        if process.comm != program or process.state == "Z":
+            continue
+        for fd in (0, 1):
+            try:
+                target = os.readlink(f"/proc/{process.pid}/fd/{fd}")
+            except OSError:
+                continue
+            if target.startswith(f"{directory}/"):
+                found.append(process.pid)
+                break
+    return found
+
+
+def kill_helper_once_running(program: str, directory: Path, delay: float = 0.3,
+                             timeout: float = 60.0) -> threading.Thread:
+    """A started thread that SIGKILLs this test's ``program`` a moment after it appears."""
+    def kill() -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            victims = helpers_on(program, directory)
+            if victims:
+                time.sleep(delay)
+                for pid in victims:
+                    os.kill(pid, signal.SIGKILL)
+                return
+            time.sleep(0.01)
+
+    thread = threading.Thread(target=kill, daemon=True)
+    thread.start()
+    return thread
 
 
 def stray_helpers() -> list[str]:
@@ -144,3 +185,41 @@ def tmpfs(mountpoint: Path, size_mib: int) -> Iterator[Path]:
         yield mountpoint
     finally:
         subprocess.run(["umount", "-l", str(mountpoint)], check=False)
+
+
+# --- damaged images -------------------------------------------------------------------------
+
+def damaged_copy(source: Path, target: Path, edit: Callable[[bytearray], None]) -> Path:
+    """A copy of ``source`` (mode 0600) with ``edit`` applied to its bytes."""
+    data = bytearray(source.read_bytes())
+    edit(data)
+    target.write_bytes(bytes(data))
+    target.chmod(0o600)
+    return target
+
+
+def flip(position: int) -> Callable[[bytearray], None]:
+    def edit(data: bytearray) -> None:
+        data[position] ^= 0xFF
+    return edit
+
+
+def cut(position: int) -> Callable[[bytearray], None]:
+    def edit(data: bytearray) -> None:
+        del data[position:]
+    return edit
+
+
+def nothing_started(workdir: Path) -> None:
+    assert qemu_processes(str(workdir)) == [], "a QEMU process was left running"
+    assert stray_helpers() == [], "a decompressor was left running"
+
+
+def restore_fails_cleanly(path: Path, uuid: str, workdir: Path, *fragments: str, **options: Any) -> str:
+    """A restore of ``path`` fails with ``fragments``, starts nothing, keeps the image as it was."""
+    before = path.read_bytes()
+    message = failed(restore(path, **options), *fragments)
+    assert path.read_bytes() == before, "the image changed"
+    nothing_started(workdir)
+    assert not (RUNTIME_DIR / f"{uuid}.log").exists(), "the failed QEMU's log was left behind"
+    return message

@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -22,22 +20,27 @@ from pathlib import Path
 import pytest
 
 from harness.guest import GuestSpec, qmp_execute
-from harness.processes import all_processes, kill_and_wait, qemu_processes
+from harness.processes import kill_and_wait
 from harness.qemu import QEMU72, SYSTEM_QEMU
 from integration.ansible_runner import run_module
 from integration.common import (
+    RUNTIME_DIR,
     assert_continued,
     assert_frozen,
+    cut,
+    damaged_copy,
     failed,
+    flip,
+    kill_helper_once_running,
+    nothing_started,
     ok,
     restore,
+    restore_fails_cleanly,
     save,
-    stray_helpers,
 )
 
 pytestmark = pytest.mark.integration
 
-RUNTIME_DIR = Path("/run/savestate-qemu")
 # A NIC (no network behind it) brings an option ROM and a PCI device into the stream.
 NIC = ("-device", "virtio-net-pci,netdev=n0", "-netdev", "user,id=n0")
 
@@ -46,9 +49,6 @@ def _exe(pid: int) -> str:
     return os.readlink(f"/proc/{pid}/exe")
 
 
-def _nothing_started(workdir: Path) -> None:
-    assert qemu_processes(str(workdir)) == [], "a QEMU process was left running"
-    assert stray_helpers() == [], "a decompressor was left running"
 
 
 # --- states ---------------------------------------------------------------------------------
@@ -104,24 +104,10 @@ def test_states_and_overrides(qemu, guest_factory, workdir):
 
 # --- a damaged image: QEMU's reason, nothing left behind, the image untouched ----------------
 
-def _variant(source: Path, target: Path, edit) -> Path:
-    data = bytearray(source.read_bytes())
-    edit(data)
-    target.write_bytes(bytes(data))
-    target.chmod(0o600)
-    return target
 
 
-def _flip(position: int):
-    def edit(data: bytearray) -> None:
-        data[position] ^= 0xFF
-    return edit
 
 
-def _cut(position: int):
-    def edit(data: bytearray) -> None:
-        del data[position:]
-    return edit
 
 
 def _section_name(stream: bytes, idstr: bytes) -> int:
@@ -138,14 +124,6 @@ def _rom(directory: Path, size: int) -> Path:
     return rom
 
 
-def _fails_cleanly(path: Path, uuid: str, workdir: Path, *fragments: str, **options) -> str:
-    """A restore of ``path`` fails with ``fragments``, starts nothing, keeps the image as it was."""
-    before = path.read_bytes()
-    message = failed(restore(path, **options), *fragments)
-    assert path.read_bytes() == before, "the image changed"
-    _nothing_started(workdir)
-    assert not (RUNTIME_DIR / f"{uuid}.log").exists(), "the failed QEMU's log was left behind"
-    return message
 
 
 def _edited(source: Path, target: Path, old: str, new: str) -> Path:
@@ -168,15 +146,15 @@ def test_damaged_streams_fail_cleanly(qemu, guest_factory, workdir):
     rejected = "QEMU rejected the image: it exited with status 1" if qemu.name == "7.2" else \
         "QEMU's migration from the image failed: load of migration failed"
     cases = {  # what was damaged: (how, QEMU's words)
-        "cut mid-stream": (_cut(offset + len(stream) // 2), "load of migration failed: Input/output error"),
-        "stream version": (_flip(offset + 7), "Unsupported migration stream version"),
-        "machine type": (_flip(offset + stream.index(image["machine"].encode())), "Machine type received is"),
-        "device section": (_flip(offset + _section_name(stream, b"timer")), "Unknown savevm section or instance"),
-        "RAM block": (_flip(offset + stream.index(b"\x06pc.ram") + 1), "Unknown ramblock"),
+        "cut mid-stream": (cut(offset + len(stream) // 2), "load of migration failed: Input/output error"),
+        "stream version": (flip(offset + 7), "Unsupported migration stream version"),
+        "machine type": (flip(offset + stream.index(image["machine"].encode())), "Machine type received is"),
+        "device section": (flip(offset + _section_name(stream, b"timer")), "Unknown savevm section or instance"),
+        "RAM block": (flip(offset + stream.index(b"\x06pc.ram") + 1), "Unknown ramblock"),
     }
     for label, (edit, reason) in cases.items():
-        path = _variant(good, workdir / f"{label}.save", edit)
-        message = _fails_cleanly(path, guest.spec.uuid, workdir, rejected, reason, remove_image=True)
+        path = damaged_copy(good, workdir / f"{label}.save", edit)
+        message = restore_fails_cleanly(path, guest.spec.uuid, workdir, rejected, reason, remove_image=True)
         assert "QEMU said: qemu-system-x86_64: " in message, label
 
     # Another device set than the stream's: QEMU names what does not fit.
@@ -186,14 +164,14 @@ def test_damaged_streams_fail_cleanly(qemu, guest_factory, workdir):
             ("bigger ROM", f"{nic},romfile={_rom(workdir, 300_000)}",
              "Size mismatch: 0000:00:02.0/virtio-net-pci.rom: 0x40000 != 0x80000")):
         path = _edited(good, workdir / f"{label}.save", nic, replacement)
-        _fails_cleanly(path, guest.spec.uuid, workdir, rejected, reason)
+        restore_fails_cleanly(path, guest.spec.uuid, workdir, rejected, reason)
 
     data = good.read_bytes()
-    cut_compressed = _variant(compressed, workdir / "cut.save.zst", _cut(len(compressed.read_bytes()) * 2 // 3))
-    _fails_cleanly(cut_compressed, guest.spec.uuid, workdir, "zstd exited with status 1", "premature end",
+    cut_compressed = damaged_copy(compressed, workdir / "cut.save.zst", cut(len(compressed.read_bytes()) * 2 // 3))
+    restore_fails_cleanly(cut_compressed, guest.spec.uuid, workdir, "zstd exited with status 1", "premature end",
                    rejected)
-    partial = _variant(good, workdir / "partial.save", lambda d: d.__setitem__(slice(12, 16), b"Part"))
-    _fails_cleanly(partial, guest.spec.uuid, workdir, "save image is incomplete")
+    partial = damaged_copy(good, workdir / "partial.save", lambda d: d.__setitem__(slice(12, 16), b"Part"))
+    restore_fails_cleanly(partial, guest.spec.uuid, workdir, "save image is incomplete")
     assert good.read_bytes() == data
 
     ok(restore(good, remove_image=True))
@@ -203,35 +181,20 @@ def test_damaged_streams_fail_cleanly(qemu, guest_factory, workdir):
 
 def test_timeout_and_a_dying_decompressor(qemu, guest_factory, workdir):
     """bzip2 decompresses a few MiB/s of random RAM: slow enough to time out and to kill."""
-    guest = guest_factory(GuestSpec(name="slow", qemu=qemu, fill_mib=32))
+    guest = guest_factory(GuestSpec(name="slow-load", qemu=qemu, fill_mib=32))
     path = workdir / "slow.save.bz2"
     ok(save(guest, path, format="bzip2"))
     saved_tick = guest.last_tick()
 
-    _fails_cleanly(path, guest.spec.uuid, workdir, "did not load within the timeout of 0.5 s",
+    restore_fails_cleanly(path, guest.spec.uuid, workdir, "did not load within the timeout of 0.5 s",
                    "QEMU was stopped", timeout=0.5)
-    killer = threading.Thread(target=_kill_decompressor, args=("bzip2",))
-    killer.start()
-    message = _fails_cleanly(path, guest.spec.uuid, workdir, "bzip2 was killed by signal 9")
+    killer = kill_helper_once_running("bzip2", workdir)
+    message = restore_fails_cleanly(path, guest.spec.uuid, workdir, "bzip2 was killed by signal 9")
     killer.join()
     assert message.startswith(("the decompressor failed", "bzip2", "QEMU's migration")), message
 
     ok(restore(path))
     assert_continued(guest, saved_tick)
-
-
-def _kill_decompressor(program: str, timeout: float = 60.0) -> None:
-    """SIGKILL the restore module's decompressor once it has been reading for a moment."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        modules = {p.pid for p in all_processes() if any(a.endswith("AnsiballZ_restore.py") for a in p.argv)}
-        victims = [p.pid for p in all_processes() if p.comm == program and p.ppid in modules]
-        if victims:
-            time.sleep(0.3)
-            os.kill(victims[0], signal.SIGKILL)
-            return
-        time.sleep(0.01)
-    raise TimeoutError(f"no {program} of the restore module appeared")
 
 
 # --- checks before anything runs ---------------------------------------------------------------
@@ -244,7 +207,7 @@ def test_conflicts_with_hand_started_guests(qemu, guest_factory, workdir):
     predicted = ok(restore(path, check=True, diff=True))
     assert predicted["changed"] and predicted["guest"]["state"] == "running" and predicted["guest"]["pid"] is None
     assert predicted["diff"]["after"]["guest"]["state"] == "running"
-    _nothing_started(workdir)
+    nothing_started(workdir)
     assert not any((RUNTIME_DIR / f"{guest.spec.uuid}{suffix}").exists() for suffix in (".log", ".qmp"))
 
     # A QEMU of this very guest still waiting for a stream: an interrupted restore's leftover.
@@ -262,17 +225,17 @@ def test_conflicts_with_hand_started_guests(qemu, guest_factory, workdir):
     for check in (True, False):
         failed(restore(path, check=check), f"domain 'contested' already exists with uuid {impostor.spec.uuid}",
                f"pid {impostor.pid}")
-    _nothing_started(guest.workdir)
+    nothing_started(guest.workdir)
     impostor.stop()
     holder = guest_factory(GuestSpec(name="holder", uuid=guest.spec.uuid, qemu=qemu))
     failed(restore(path), f"domain 'holder' is already defined with uuid {guest.spec.uuid}", f"pid {holder.pid}")
-    _nothing_started(guest.workdir)
+    nothing_started(guest.workdir)
     holder.stop()
 
     failed(restore(path, name="other"), f"{path} is a save image of guest 'contested', not 'other'")
     other_uuid = str(uuidlib.uuid4())
     failed(restore(path, uuid=other_uuid), f"is a save image of uuid {guest.spec.uuid}, not {other_uuid}")
-    _nothing_started(guest.workdir)
+    nothing_started(guest.workdir)
     restored = ok(restore(path, name="contested", uuid=guest.spec.uuid.upper(), remove_image=True))
     assert restored["changed"] and not path.exists()
 
@@ -309,7 +272,7 @@ def test_conflicts_with_libvirt_guests(guest_factory, libvirt_host, workdir):
         libvirt_host.define_guest(name, uuid)
         libvirt_host.virsh("start", name)
         failed(restore(path), message, "managed by libvirt")
-        _nothing_started(guest.workdir)
+        nothing_started(guest.workdir)
         if name == "lv-contested" and uuid == guest.spec.uuid:
             break
         kill_and_wait(libvirt_host.qemu_pid(name))  # virsh destroy is unreliable in embedded mode
@@ -318,7 +281,7 @@ def test_conflicts_with_libvirt_guests(guest_factory, libvirt_host, workdir):
     libvirt_image = workdir / "libvirt.save"
     libvirt_host.save("lv-contested", libvirt_image)
     failed(restore(libvirt_image), "is a libvirt save image", f"virsh restore {libvirt_image}")
-    _nothing_started(libvirt_host.root)
+    nothing_started(libvirt_host.root)
 
 
 def test_untrusted_images_and_emulators_are_refused(qemu, guest_factory, workdir):
@@ -331,7 +294,7 @@ def test_untrusted_images_and_emulators_are_refused(qemu, guest_factory, workdir
     for mode, problem in ((0o620, "is writable by group 0"), (0o602, "is writable by every user")):
         path.chmod(mode)
         failed(restore(path), f"refusing to restore {path}: the image {problem}", "chmod go-w")
-        _nothing_started(workdir)
+        nothing_started(workdir)
     path.chmod(0o600)
     shared = workdir / "shared"
     shared.mkdir()
@@ -339,7 +302,7 @@ def test_untrusted_images_and_emulators_are_refused(qemu, guest_factory, workdir
     moved = shared / path.name
     path.rename(moved)
     failed(restore(moved), f"the directory {shared} is writable by every user", "could replace the image")
-    _nothing_started(workdir)
+    nothing_started(workdir)
     shared.chmod(0o1777)  # sticky, like /tmp: nobody else can replace the image
 
     failed(restore(moved, emulator="/nonexistent/qemu-system-x86_64"), "/nonexistent/qemu-system-x86_64",
@@ -348,7 +311,7 @@ def test_untrusted_images_and_emulators_are_refused(qemu, guest_factory, workdir
     disguised = workdir / "qemu-system-x86_64"
     disguised.symlink_to("/bin/true")
     failed(restore(moved, emulator=str(disguised)), "is a link to /usr/bin/true", "not a QEMU system emulator")
-    _nothing_started(workdir)
+    nothing_started(workdir)
 
     ok(restore(moved))
     assert_continued(guest, saved_tick)
@@ -362,7 +325,7 @@ def test_changed_disks(qemu, guest_factory, workdir):
 
     os.utime(guest.disk)
     failed(restore(path), f"{guest.disk} was modified after the save", "disk_check: warn or ignore")
-    _nothing_started(workdir)
+    nothing_started(workdir)
     warned = ok(restore(path, disk_check="warn"))
     assert any(f"{guest.disk} was modified after the save" in w for w in warned.get("warnings", [])), warned
     assert_continued(guest, saved_tick)
@@ -427,4 +390,4 @@ def test_across_qemu_versions(guest_factory, workdir):
            "QEMU did not start: it exited with status 1; QEMU said: qemu-system-x86_64: unsupported machine type",
            "saved on machine type pc-i440fx-10.0 by QEMU 10.0.")
     assert new_image.read_bytes() == before
-    _nothing_started(workdir / "from-10.0")
+    nothing_started(workdir / "from-10.0")
