@@ -49,8 +49,6 @@ def _exe(pid: int) -> str:
     return os.readlink(f"/proc/{pid}/exe")
 
 
-
-
 # --- states ---------------------------------------------------------------------------------
 
 def test_states_and_overrides(qemu, guest_factory, workdir):
@@ -105,11 +103,6 @@ def test_states_and_overrides(qemu, guest_factory, workdir):
 # --- a damaged image: QEMU's reason, nothing left behind, the image untouched ----------------
 
 
-
-
-
-
-
 def _section_name(stream: bytes, idstr: bytes) -> int:
     """Where a device section's name is: QEMU_VM_SECTION_FULL, section id, length, name, instance 0."""
     match = re.search(rb"\x04\x00\x00\x00.(?=" + bytes([len(idstr)]) + re.escape(idstr) + rb"\x00{4})",
@@ -122,8 +115,6 @@ def _rom(directory: Path, size: int) -> Path:
     rom = directory / f"{size}.rom"
     rom.write_bytes(bytes(size))
     return rom
-
-
 
 
 def _edited(source: Path, target: Path, old: str, new: str) -> Path:
@@ -169,7 +160,7 @@ def test_damaged_streams_fail_cleanly(qemu, guest_factory, workdir):
     data = good.read_bytes()
     cut_compressed = damaged_copy(compressed, workdir / "cut.save.zst", cut(len(compressed.read_bytes()) * 2 // 3))
     restore_fails_cleanly(cut_compressed, guest.spec.uuid, workdir, "zstd exited with status 1", "premature end",
-                   rejected)
+                          rejected)
     partial = damaged_copy(good, workdir / "partial.save", lambda d: d.__setitem__(slice(12, 16), b"Part"))
     restore_fails_cleanly(partial, guest.spec.uuid, workdir, "save image is incomplete")
     assert good.read_bytes() == data
@@ -187,7 +178,7 @@ def test_timeout_and_a_dying_decompressor(qemu, guest_factory, workdir):
     saved_tick = guest.last_tick()
 
     restore_fails_cleanly(path, guest.spec.uuid, workdir, "did not load within the timeout of 0.5 s",
-                   "QEMU was stopped", timeout=0.5)
+                          "QEMU was stopped", timeout=0.5)
     killer = kill_helper_once_running("bzip2", workdir)
     message = restore_fails_cleanly(path, guest.spec.uuid, workdir, "bzip2 was killed by signal 9")
     killer.join()
