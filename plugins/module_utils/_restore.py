@@ -592,7 +592,8 @@ class GuestRestorer:
         # The binary keys the cache of what QEMU's (large) QAPI schema says: a restore starts a new QEMU.
         plan = plan_restore(self.image.format, Features.probe(monitor, self.emulator),
                             self.request.parallel_channels)
-        MigrationSettings(monitor).apply(plan)
+        settings = MigrationSettings(monitor)
+        settings.apply(plan)
         fd = os.open(self.request.path, os.O_RDONLY | os.O_CLOEXEC)
         started = time.monotonic()
         try:
@@ -605,6 +606,9 @@ class GuestRestorer:
         finally:
             os.close(fd)
         duration = time.monotonic() - started
+        # Capabilities set for the load stay on in the new QEMU: left there, mapped-ram and
+        # multifd would change (or break) the next migration the operator starts by hand.
+        settings.restore()
         size = self.image.size
         return {"duration_s": round(duration, 3), "bytes": size,
                 "throughput_mib_s": round(size / MIB / duration, 1) if duration > 0 else None}

@@ -60,6 +60,9 @@ def test_every_format_saves_and_comes_back(qemu, image_format, guest_factory, wo
 
     ok(restore(path))
     assert_continued(guest, saved_tick)
+    # What the load needed is switched off again: the operator's next migration is QEMU's default one.
+    enabled = {entry["capability"] for entry in guest.qmp("query-migrate-capabilities") if entry["state"]}
+    assert not enabled & {"mapped-ram", "multifd"}, enabled
 
 
 def test_check_mode_idempotency_and_diff(qemu, guest_factory, workdir):
