@@ -232,7 +232,10 @@ def qmp_execute(address: str, command: str, arguments: dict[str, Any] | None = N
             try:
                 return await client.execute(command, arguments)
             finally:
-                await client.disconnect()
+                try:
+                    await client.disconnect()
+                except (EOFError, OSError):
+                    pass  # QEMU hung up first: after ``quit`` it may close before we do
 
     loop = asyncio.new_event_loop()
     try:
