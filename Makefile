@@ -16,7 +16,7 @@ demo: setup
 	.venv/bin/python demo/demo.py
 
 bench: setup
-	.venv/bin/python benchmarks/run.py
+	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
 
 build: setup
 	.venv/bin/ansible-galaxy collection build --force
