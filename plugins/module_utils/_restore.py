@@ -31,13 +31,17 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
+from ansible_collections.savestate.qemu.plugins.module_utils._credentials import (
+    LaunchPlan,
+    plan_authenticated,
+    recorded_credentials,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import DiskRecord, GuestRecord
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     GuestConflictError,
@@ -55,7 +59,12 @@ from ansible_collections.savestate.qemu.plugins.module_utils._host import (
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveImage
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, load_image
-from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor, parse_endpoint
+from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor
+from ansible_collections.savestate.qemu.plugins.module_utils._qemu_process import (
+    LaunchedQemu,
+    PrivateMonitor,
+    without_private_monitor,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
     escape_option_value,
     iter_options,
@@ -83,8 +92,6 @@ STARTUP_TIMEOUT = 60.0
 # How long a QEMU whose monitor dropped may take to exit before we stop waiting for its reason.
 EXIT_GRACE = 5.0
 HELPER_GRACE = 1.0
-LOG_TAIL_BYTES = 4000
-LOG_TAIL_LINES = 8
 MIB = 1024 * 1024
 
 
@@ -287,112 +294,6 @@ def launch_directory(cwd: Optional[str]) -> tuple[str, Optional[str]]:
     return "/", f"{why}; QEMU starts in / instead, so relative paths on its command line resolve from /"
 
 
-def recorded_unix_monitor(record: GuestRecord) -> Optional[str]:
-    """The recorded QMP endpoint, if it is a unix socket on the recorded command line."""
-    if not record.qmp or not record.argv:
-        return None
-    try:
-        endpoint = parse_endpoint(record.qmp)
-    except MonitorError:
-        return None
-    if not endpoint.is_unix:
-        return None
-    return record.qmp if any(record.qmp in arg for arg in record.argv) else None
-
-
-# --- the QEMU process ---------------------------------------------------------------------
-
-class LaunchedQemu:
-    """A QEMU started by the restore, detached from the module so that it outlives it.
-
-    It runs in its own session with stdin on /dev/null and stdout/stderr in a log
-    file of ours: nothing ties it to the module's pipes, and QEMU's own messages
-    (why it refused to start, why it rejected the stream) can be quoted on failure.
-    """
-
-    def __init__(self, argv: list[str], log_path: str, cwd: str) -> None:
-        self.argv = argv
-        self.log_path = log_path
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        try:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                                            cwd=cwd, close_fds=True, start_new_session=True)
-        except OSError as error:
-            os.unlink(log_path)
-            raise PreconditionError(f"cannot start {argv[0]}: {error.strerror}") from None
-        finally:
-            os.close(log_fd)
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def exited(self, grace: float = 0.0) -> bool:
-        """Whether QEMU has exited, waiting up to ``grace`` seconds for it to do so."""
-        try:
-            self.process.wait(grace)
-        except subprocess.TimeoutExpired:
-            return False
-        return True
-
-    def log_tail(self) -> str:
-        """The end of QEMU's output, one line per message."""
-        try:
-            with open(self.log_path, "rb") as log:
-                log.seek(max(0, os.fstat(log.fileno()).st_size - LOG_TAIL_BYTES))
-                text = log.read().decode(errors="replace")
-        except OSError:
-            return ""
-        lines = [line.strip() for line in text.splitlines() if line.strip()]
-        return " / ".join(lines[-LOG_TAIL_LINES:])
-
-    def said(self) -> str:
-        """``; QEMU said: ...`` with QEMU's own messages, or nothing when it printed none."""
-        tail = self.log_tail()
-        return f"; QEMU said: {tail}" if tail else ""
-
-    def exit_status(self) -> str:
-        code = self.process.returncode
-        if code is not None and code < 0:
-            return f"was killed by signal {-code}"
-        return f"exited with status {code}"
-
-    def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGKILL)
-        self.process.wait()
-
-    def remove_log(self) -> None:
-        try:
-            os.unlink(self.log_path)
-        except FileNotFoundError:
-            pass
-
-    def wait_for_monitor(self, socket_path: str, timeout: float) -> None:
-        """Until QEMU listens on its monitor (or exits, or ``timeout`` passes)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.exited():
-                raise MigrationError(f"QEMU did not start: it {self.exit_status()}{self.said()}")
-            if _accepts_connections(socket_path):
-                return
-            if time.monotonic() > deadline:
-                raise MigrationError(f"QEMU did not open its monitor {socket_path} within {timeout:g} s"
-                                     f"{self.said()}")
-            # QEMU opens its monitor a few tens of ms after exec; a short poll keeps that off the
-            # restore time, and a failed connect() on a missing socket costs microseconds.
-            time.sleep(0.01)
-
-
-def _accepts_connections(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
-
-
 # --- the restore --------------------------------------------------------------------------
 
 def _decompressor_failure(stream: Stream) -> Optional[str]:
@@ -539,38 +440,40 @@ class GuestRestorer:
     def restore(self, key: str) -> RestoreOutcome:
         """Start QEMU and load the image; call with the guest's lock held and identity checked."""
         emulator = self.emulator = self.preflight()
-        monitor_path = recorded_unix_monitor(self.record)
-        private_monitor = None if monitor_path else os.path.join(runtime_dir(), f"{key}.qmp")
+        launch = self.launch_plan()
         cwd, warning = launch_directory(self.record.cwd)
         if warning:
             self.warnings.append(warning)
-        qemu = LaunchedQemu(restore_argv(self.record, emulator, private_monitor),
-                            os.path.join(runtime_dir(), f"{key}.log"), cwd)
+        runtime = runtime_dir()
+        with PrivateMonitor(os.path.join(runtime, f"{key}.qmp")) as monitor_socket:
+            argv = restore_argv(self._record_without_private_monitor(), emulator, None)
+            qemu = LaunchedQemu(argv + monitor_socket.qemu_options(),
+                                os.path.join(runtime, f"{key}.log"), cwd, launch.credentials,
+                                pass_fds=(monitor_socket.fd,))
         try:
-            stats, state = self._load(qemu, monitor_path or private_monitor)
+            stats, state = self._load(qemu, monitor_socket.path)
         except BaseException:
             qemu.kill()
-            self._remove_leftovers(qemu, private_monitor, cwd)
+            monitor_socket.remove()
+            self._remove_leftovers(qemu, cwd)
             raise
         self._remove_image()
         before, after = self._diff()
+        guest = _guest_summary(self.record.name, self.record.uuid, qemu.pid, state,
+                               self.record.qmp or monitor_socket.path)
+        guest["user"] = launch.describe_user
         return RestoreOutcome(True, f"restored guest '{self.record.name}' from {self.request.path}",
-                              _guest_summary(self.record.name, self.record.uuid, qemu.pid, state,
-                                             self.record.qmp or monitor_path or private_monitor),
-                              self.describe(), stats, before, after, self.warnings, self.trace)
+                              guest, self.describe(), stats, before, after, self.warnings, self.trace)
+
+    def launch_plan(self) -> LaunchPlan:
+        """Whose credentials the new QEMU gets: the saved QEMU's, never more (see _credentials)."""
+        return plan_authenticated(recorded_credentials(self.record), self.record.argv or (), os.geteuid())
+
+    def _record_without_private_monitor(self) -> GuestRecord:
+        return replace(self.record, argv=tuple(without_private_monitor(self.record.argv or ())))
 
     def _load(self, qemu: LaunchedQemu, monitor_path: str) -> tuple[dict[str, Any], str]:
-        # QEMU's start-up is not part of the load: a tiny timeout must not fail a healthy start.
-        try:
-            qemu.wait_for_monitor(monitor_path, STARTUP_TIMEOUT)
-        except MigrationError as error:
-            if "machine type" not in str(error) or not self.record.machine:
-                raise
-            raise MigrationError(
-                f"{error}. The guest was saved on machine type {self.record.machine} by QEMU "
-                f"{self.record.qemu_version or '(unknown version)'}; restore it with a QEMU that has this "
-                "machine type (the same version or a newer one)") from None
-        monitor = Monitor(monitor_path, trace=self.request.trace)
+        monitor = self._connect(qemu, monitor_path)
         try:
             with monitor:
                 stats = self._stream_in(monitor, qemu)
@@ -584,6 +487,29 @@ class GuestRestorer:
         finally:
             self.trace = monitor.trace
         return stats, state
+
+    def _connect(self, qemu: LaunchedQemu, monitor_path: str) -> Monitor:
+        """The new QEMU's monitor, once it greets us; its start-up is not part of the load.
+
+        Our listening socket queues the connection until QEMU serves it, so the wait
+        is for QEMU's greeting. If QEMU exits first, the queued connection is reset.
+        """
+        monitor = Monitor(monitor_path, connect_timeout=STARTUP_TIMEOUT, trace=self.request.trace)
+        try:
+            return monitor.connect()
+        except MonitorError as error:
+            if qemu.exited(EXIT_GRACE):
+                raise MigrationError(self._start_failure(f"QEMU did not start: it {qemu.exit_status()}"
+                                                         f"{qemu.said()}")) from None
+            raise MigrationError(f"QEMU did not answer on its monitor within {STARTUP_TIMEOUT:g} s ({error})"
+                                 f"{qemu.said()}") from None
+
+    def _start_failure(self, text: str) -> str:
+        if "machine type" not in text or not self.record.machine:
+            return text
+        return (f"{text}. The guest was saved on machine type {self.record.machine} by QEMU "
+                f"{self.record.qemu_version or '(unknown version)'}; restore it with a QEMU that has this "
+                "machine type (the same version or a newer one)")
 
     def _stream_in(self, monitor: Monitor, qemu: LaunchedQemu) -> dict[str, Any]:
         status = monitor.status()
@@ -644,11 +570,9 @@ class GuestRestorer:
             self.warnings.append(f"the guest is restored, but the image could not be removed: "
                                  f"{error.strerror}")
 
-    def _remove_leftovers(self, qemu: LaunchedQemu, private_monitor: Optional[str], cwd: str) -> None:
-        """What a killed QEMU leaves: its log, our private socket, a pidfile naming it."""
+    def _remove_leftovers(self, qemu: LaunchedQemu, cwd: str) -> None:
+        """What a killed QEMU leaves: its log and a pidfile naming it."""
         qemu.remove_log()
-        if private_monitor and os.path.exists(private_monitor):
-            os.unlink(private_monitor)
         for _index, name, value in iter_options(self.record.argv or ()):
             if name != "pidfile" or not value:
                 continue

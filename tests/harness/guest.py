@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pwd
 import re
 import socket
 import subprocess
@@ -31,7 +32,7 @@ from harness.qemu import SYSTEM_QEMU, QemuBuild
 
 TICK = re.compile(rb"^tick (\d+)\r?$", re.MULTILINE)
 ACCEL = os.environ.get("SAVESTATE_TEST_ACCEL", "tcg")
-QMP_STYLES = ("unix", "tcp", "chardev", "pretty")
+QMP_STYLES = ("unix", "tcp", "chardev", "pretty", "none")  # none: extra_args bring the monitor
 
 
 def free_tcp_port() -> int:
@@ -55,6 +56,7 @@ class GuestSpec:
     name_option: str = "guest={name},debug-threads=on"
     machine: str = "pc"
     extra_args: tuple[str, ...] = ()
+    user: str | None = None  # run QEMU as this user (its work directory is given to it)
 
     @property
     def memory(self) -> int:
@@ -96,6 +98,8 @@ class Guest:
             return ["-qmp-pretty", unix]
         if self.spec.qmp == "tcp":
             return ["-qmp", f"tcp:127.0.0.1:{self.tcp_port},server=on,wait=off"]
+        if self.spec.qmp == "none":
+            return []
         return ["-chardev", f"socket,id=monitor0,path={self.qmp_socket},server=on,wait=off",
                 "-mon", "chardev=monitor0,mode=control"]
 
@@ -133,10 +137,22 @@ class Guest:
         log = self.qemu_log.open("ab")
         self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, **self.spec.qemu.env})
+                                        env={**os.environ, **self.spec.qemu.env}, **self._identity())
         log.close()
         self.wait_ready(ready_timeout)
         return self
+
+    def _identity(self) -> dict[str, Any]:
+        """Popen's arguments to run QEMU as ``spec.user``, owning its work directory."""
+        if self.spec.user is None:
+            return {}
+        entry = pwd.getpwnam(self.spec.user)
+        for path in (self.workdir, self.workdir.parent, *self.workdir.iterdir()):
+            if path == self.workdir.parent:
+                os.chmod(path, 0o711)  # let the user reach its directory, nothing more
+            else:
+                os.chown(path, entry.pw_uid, entry.pw_gid)
+        return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [entry.pw_gid]}
 
     @property
     def pid(self) -> int | None:

@@ -1,0 +1,184 @@
+# Copyright: savestate.qemu contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Note that this module util is **PRIVATE** to the collection. It can have breaking changes at any time.
+# Do not use this from other collections or standalone plugins/modules!
+
+"""The QEMU process a restore starts, and the private monitor it is reached through.
+
+The restore talks to its QEMU over a monitor socket that the restore itself
+binds, in its own root-only runtime directory, and hands to QEMU as a listening
+file descriptor (``-chardev socket,fd=N,server=on``). Nothing else can have bound
+that socket first or connect to it, so the process answering there is the QEMU
+we started: no other process on the host can pose as it, receive the image's
+file descriptor, or report a state of its choosing. The monitor paths on the
+recorded command line are QEMU's to bind, for the operator's later use.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+from collections.abc import Sequence
+from typing import Optional
+
+from ansible_collections.savestate.qemu.plugins.module_utils._credentials import Credentials
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
+from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import option_dict, option_name
+
+# The chardev id of the monitor a restore adds; a later restore of the same guest replaces it.
+PRIVATE_MONITOR_ID = "savestate-monitor"
+LOG_TAIL_BYTES = 4000
+LOG_TAIL_LINES = 8
+
+
+class PrivateMonitor:
+    """A listening unix socket for the restored QEMU's monitor, bound by us; a context manager.
+
+    Leaving the block closes our copy of the listener: from then on only QEMU holds it.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            _unlink_if_socket(path)
+            self._socket.bind(path)
+            self._socket.listen(4)
+        except OSError as error:
+            self._socket.close()
+            raise PreconditionError(f"cannot create the restore's monitor socket {path}: "
+                                    f"{error.strerror or error}") from None
+
+    @property
+    def fd(self) -> int:
+        return self._socket.fileno()
+
+    def qemu_options(self) -> list[str]:
+        """What QEMU needs to serve its monitor on our listening socket (inherited as ``fd``)."""
+        return ["-chardev", f"socket,id={PRIVATE_MONITOR_ID},fd={self.fd},server=on,wait=off",
+                "-mon", f"chardev={PRIVATE_MONITOR_ID},mode=control"]
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def remove(self) -> None:
+        _unlink_if_socket(self.path)
+
+    def __enter__(self) -> PrivateMonitor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _unlink_if_socket(path: str) -> None:
+    try:
+        if os.lstat(path).st_mode & 0o170000 == 0o140000:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def without_private_monitor(argv: Sequence[str]) -> list[str]:
+    """``argv`` without the monitor an earlier restore added (its fd is meaningless now)."""
+    result: list[str] = []
+    skip_value = False
+    for index, arg in enumerate(argv):
+        if skip_value:
+            skip_value = False
+            continue
+        name = option_name(arg) if index > 0 else None
+        if name in ("chardev", "mon") and index + 1 < len(argv) and _names_private_monitor(name, argv[index + 1]):
+            skip_value = True
+            continue
+        result.append(arg)
+    return result
+
+
+def _names_private_monitor(option: str, value: str) -> bool:
+    key = "id" if option == "chardev" else "chardev"
+    implied = "backend" if option == "chardev" else "chardev"
+    return option_dict(value, implied_key=implied).get(key) == PRIVATE_MONITOR_ID
+
+
+class LaunchedQemu:
+    """A QEMU started by the restore, detached from the module so that it outlives it.
+
+    It runs in its own session, as ``credentials`` (None: as we run), with stdin on
+    /dev/null and stdout/stderr in a log file of ours: nothing ties it to the
+    module's pipes, and QEMU's own messages (why it refused to start, why it
+    rejected the stream) can be quoted on failure. ``pass_fds`` are inherited.
+    """
+
+    def __init__(self, argv: list[str], log_path: str, cwd: str, credentials: Optional[Credentials] = None,
+                 pass_fds: Sequence[int] = ()) -> None:
+        self.argv = argv
+        self.log_path = log_path
+        self.credentials = credentials
+        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
+                                            cwd=cwd, close_fds=True, pass_fds=tuple(pass_fds),
+                                            start_new_session=True, **_identity(credentials))
+        except (OSError, subprocess.SubprocessError) as error:
+            os.unlink(log_path)
+            reason = getattr(error, "strerror", None) or str(error)
+            raise PreconditionError(f"cannot start {argv[0]}: {reason}") from None
+        finally:
+            os.close(log_fd)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def exited(self, grace: float = 0.0) -> bool:
+        """Whether QEMU has exited, waiting up to ``grace`` seconds for it to do so."""
+        try:
+            self.process.wait(grace)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
+    def log_tail(self) -> str:
+        """The end of QEMU's output, one line per message."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(max(0, os.fstat(log.fileno()).st_size - LOG_TAIL_BYTES))
+                text = log.read().decode(errors="replace")
+        except OSError:
+            return ""
+        lines = [line.strip() for line in text.splitlines() if line.strip()]
+        return " / ".join(lines[-LOG_TAIL_LINES:])
+
+    def said(self) -> str:
+        """``; QEMU said: ...`` with QEMU's own messages, or nothing when it printed none."""
+        tail = self.log_tail()
+        return f"; QEMU said: {tail}" if tail else ""
+
+    def exit_status(self) -> str:
+        code = self.process.returncode
+        if code is not None and code < 0:
+            return f"was killed by signal {-code}"
+        return f"exited with status {code}"
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGKILL)
+        self.process.wait()
+
+    def remove_log(self) -> None:
+        try:
+            os.unlink(self.log_path)
+        except FileNotFoundError:
+            pass
+
+
+def _identity(credentials: Optional[Credentials]) -> dict[str, object]:
+    """Popen's arguments that make the child run as ``credentials`` (all three ids, always together)."""
+    if credentials is None:
+        return {}
+    return {"user": credentials.uid, "group": credentials.gid, "extra_groups": list(credentials.groups)}
