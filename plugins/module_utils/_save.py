@@ -62,6 +62,8 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image import (
     rewrite_data_area,
     write_new_image,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import signing_xml
+from ansible_collections.savestate.qemu.plugins.module_utils._image_key import load_key
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import (
     describe_image,
     load_image,
@@ -419,7 +421,8 @@ class GuestSaver:
             record = build_record(self.monitor, self.guest, self.name, self.uuid, self.endpoint)
             restore_running = was_running if self.request.restore_state is None \
                 else self.request.restore_state == "running"
-            header = write_new_image(fd, build_domain_xml(record), None, restore_running, plan.image_format)
+            xml, seal = signing_xml(build_domain_xml(record), load_key())
+            header = write_new_image(fd, xml, None, restore_running, plan.image_format, seal=seal)
             started = time.monotonic()
             with Stream(self.monitor, plan, fd, header.stream_offset, temp_path, outgoing=True) as stream:
                 stream.start()
@@ -555,8 +558,8 @@ class GuestSaver:
             return
         fd = os.open(image_path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            rewrite_data_area(fd, image.header, build_domain_xml(replace(record, disks=disks)),
-                              image.cookie, path=image_path)
+            xml, seal = signing_xml(build_domain_xml(replace(record, disks=disks)), load_key())
+            rewrite_data_area(fd, image.header, xml, image.cookie, path=image_path, seal=seal)
         finally:
             os.close(fd)
 
