@@ -31,8 +31,9 @@ description:
     inode; never next to the image). If the edit is interrupted, reading the image fails
     until this module runs again on it, which rolls the image back to how it was before the
     interrupted edit (and then applies the requested edit).
-  - Works on images written by this collection and by libvirt, in every format. Incomplete
-    images (their save never finished) are refused.
+  - Works on images written by this collection and by libvirt (libvirt's with
+    O(allow_unauthenticated=true)), in every format. Incomplete images (their save never
+    finished) are refused.
 author:
   - savestate.qemu contributors (@savestate)
 extends_documentation_fragment:

@@ -173,6 +173,7 @@ metadata:
         target: null
     saved_at: "2026-11-24T13:40:16Z"
     cwd: /var/lib/qemu/web01
+    credentials: {uid: 0, gid: 0, groups: [], user: root}
   contains:
     emulator:
       description: Path of the QEMU binary that ran the guest.
@@ -200,6 +201,25 @@ metadata:
     cwd:
       description: The saved QEMU's working directory; relative paths in RV(metadata.argv) resolve from it.
       type: str
+    credentials:
+      description:
+        - Who the saved QEMU process ran as; M(savestate.qemu.restore) starts QEMU with these credentials.
+        - V(null) when the image does not record them (saved by an older version).
+      type: dict
+      contains:
+        uid:
+          description: User id.
+          type: int
+        gid:
+          description: Group id.
+          type: int
+        groups:
+          description: Supplementary group ids.
+          type: list
+          elements: int
+        user:
+          description: The user's name at save time (informative; the ids count).
+          type: str
 """
 
 from typing import Optional
