@@ -210,7 +210,8 @@ def open_image(path: str, key: Optional[ImageKey], allow_incomplete: bool = Fals
     try:
         info = os.fstat(fd)
         problem = file_trust_problem(info)
-        if problem and (check_file or not stat.S_ISREG(info.st_mode)):
+        readable = stat.S_ISREG(info.st_mode) or stat.S_ISBLK(info.st_mode)  # libvirt can save to a device
+        if problem and (check_file or not readable):
             raise PreconditionError(
                 f"refusing the save image {path}: {problem}. Its command line decides what QEMU runs, so only "
                 "root and its owner may be able to change it (chmod go-w; one name per image)")

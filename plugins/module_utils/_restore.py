@@ -691,10 +691,10 @@ def restore_guest(request: RestoreRequest, check_mode: bool = False) -> RestoreO
     if consumed is not None:
         return consumed
     # Opened once: what is checked, verified and parsed is what QEMU is fed.
-    with open_image(request.path, load_key()) as opened:
-        check_authenticated(request, opened)
+    with open_image(request.path, load_key(create=not check_mode)) as opened:
         record = opened.record
-        _check_expected_identity(request, record)
+        _check_expected_identity(request, record)  # first: libvirt's images get libvirt's way out
+        check_authenticated(request, opened)
         restorer = GuestRestorer(request, opened.image, record, check_mode, opened.fd, opened.authenticated)
         if check_mode:
             return restorer.check_identity() or restorer.predict()
