@@ -113,12 +113,12 @@ def open_private_dir(path: str, create: bool = True) -> Optional[int]:
         return None
     except OSError as error:
         raise ImageKeyError(f"refusing the private directory {path}: it is a symbolic link or not a directory "
-                        f"({error.strerror or error})") from None
+                            f"({error.strerror or error})") from None
     problem = file_problem(os.fstat(fd), path, directory=True)
     if problem:
         os.close(fd)
         raise ImageKeyError(f"refusing {problem}; it holds secrets and state only its owner may touch "
-                        "(fix with chown and chmod 0700, or remove it)")
+                            "(fix with chown and chmod 0700, or remove it)")
     return fd
 
 
@@ -132,7 +132,7 @@ def _parse_key_file(raw: bytes, path: str) -> ImageKey:
         secret = b""
     if len(secret) != KEY_BYTES:
         raise ImageKeyError(f"{path} is not an image key: it must hold {KEY_BYTES * 2} hex digits "
-                        "(create one with: openssl rand -hex 32)")
+                            "(create one with: openssl rand -hex 32)")
     return ImageKey.from_secret(secret)
 
 
@@ -143,7 +143,7 @@ def _read_key(dir_fd: int, path: str) -> Optional[ImageKey]:
         return None
     except OSError as error:
         raise ImageKeyError(f"refusing the image key {path}: {error.strerror or error} (a symbolic link is "
-                        "never followed)") from None
+                            "never followed)") from None
     try:
         info = os.fstat(fd)
         problem = file_problem(info, f"the image key {path}")

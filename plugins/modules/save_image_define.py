@@ -25,7 +25,7 @@ description:
   - The image is opened once (never through a symbolic link) and its MAC verified before anything
     is changed; an authenticated image is signed again after the edit with this host's image key.
     An image without a valid MAC is refused unless O(allow_unauthenticated=true), and then edited
-    but not signed: an edit never turns an image into an authenticated one.
+    but not signed, so that an edit never turns an image into an authenticated one.
   - The rewrite is crash-safe. The old header and XML go to a journal first, in root's private
     state directory (C(/var/lib/savestate-qemu/journals/), named after the image's device and
     inode; never next to the image). If the edit is interrupted, reading the image fails

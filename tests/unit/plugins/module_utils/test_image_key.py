@@ -56,10 +56,10 @@ def test_concurrent_first_uses_agree_on_one_key(tmp_path):
     directory = str(tmp_path / "race")
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
-    children = [context.Process(target=_load_in_child, args=(directory, queue)) for _ in range(8)]
+    children = [context.Process(target=_load_in_child, args=(directory, queue)) for index in range(8)]
     for child in children:
         child.start()
-    ids = {queue.get(timeout=30) for _ in children}
+    ids = {queue.get(timeout=30) for child in children}
     for child in children:
         child.join(30)
     assert len(ids) == 1 and not next(iter(ids)).startswith("error")

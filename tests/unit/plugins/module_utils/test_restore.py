@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import DiskRecord, GuestRecord
-from ansible_collections.savestate.qemu.plugins.module_utils._errors import ImageError, PreconditionError
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
 from ansible_collections.savestate.qemu.plugins.module_utils._restore import (
     check_emulator,
     disk_changes,
