@@ -26,7 +26,9 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     PreconditionError,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image import (
+    HEADER_SIZE,
     SaveImage,
+    _pread_exact,
     has_pending_journal_fd,
     _sealed,
     new_data_area_header,
@@ -34,7 +36,12 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image import (
     read_image_fd,
     rewrite_data_area,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import OpenedImage, open_image, signing_xml
+from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import (
+    OpenedImage,
+    open_image,
+    signing_xml,
+    verify,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import parse_image_xml
 from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, load_key
 
@@ -126,6 +133,18 @@ def _require_trust(opened: OpenedImage, request: DefineRequest) -> None:
         "signed again. To edit it anyway, set allow_unauthenticated: true; it then stays unauthenticated")
 
 
+def _signed_plan(opened: OpenedImage, request: DefineRequest, key: Optional[ImageKey]) -> tuple[SaveImage, GuestRecord]:
+    """The image as the edit leaves it, with its new MAC when it is authenticated and changes.
+
+    Compared with the image as it is, so that an edit repeated (an XML without the
+    MAC element, say) finds nothing to do.
+    """
+    planned, record = _planned(opened.image, request)
+    if key is not None and opened.authenticated and _differs(opened.image, planned):
+        planned = _as_signed(planned, key)
+    return planned, record
+
+
 def define_image(path: str, request: DefineRequest, check_mode: bool = False,
                  key: Optional[ImageKey] = None) -> DefineOutcome:
     """Apply ``request`` to the image at ``path`` (or, in check mode, predict it).
@@ -138,23 +157,19 @@ def define_image(path: str, request: DefineRequest, check_mode: bool = False,
         with open_image(path, key, as_recovered=True) as opened:
             pending = has_pending_journal_fd(opened.fd)
             _require_trust(opened, request)
-            before = opened.image
-            after, record = _planned(before, request)
-            changes = _differs(before, after)
-            if changes and opened.authenticated:
-                after = _as_signed(after, key)
-            return DefineOutcome(pending or changes, pending, before, after, record,
+            after, record = _signed_plan(opened, request, key)
+            return DefineOutcome(pending or _differs(opened.image, after), pending, opened.image, after, record,
                                  opened.authenticated, opened.auth_problem)
     with open_image(path, key, writable=True, recover=True) as opened:
         _require_trust(opened, request)
         before = opened.image
-        planned, record = _planned(before, request)
+        planned, record = _signed_plan(opened, request, key)
         if not _differs(before, planned):
             return DefineOutcome(opened.recovered, opened.recovered, before, before, record,
                                  opened.authenticated, opened.auth_problem)
-        xml, seal = signing_xml(planned.xml, key) if opened.authenticated else (planned.xml, None)
-        rewrite_data_area(opened.fd, before.header, xml, before.cookie, request.was_running(),
-                          path=path, seal=seal)
+        # The planned XML already holds its MAC (deterministic): written as is, it verifies.
+        rewrite_data_area(opened.fd, before.header, planned.xml, before.cookie, request.was_running(), path=path)
         after = read_image_fd(opened.fd, path)
-    return DefineOutcome(True, opened.recovered, before, after, parse_image_xml(after),
-                         seal is not None, None if seal is not None else opened.auth_problem)
+        problem = verify(key, after.xml, _pread_exact(opened.fd, HEADER_SIZE, 0),
+                         _pread_exact(opened.fd, after.header.data_len, HEADER_SIZE))
+    return DefineOutcome(True, opened.recovered, before, after, parse_image_xml(after), problem is None, problem)

@@ -285,3 +285,18 @@ def test_control_a_journal_of_ours_is_rolled_back(signed, key):
     assert not os.path.lexists(journal)
     with open_image(str(signed), key) as opened:
         assert opened.auth_problem == TAMPERED
+
+
+def test_define_with_the_same_xml_twice_changes_nothing_the_second_time(signed, key):
+    """The stored XML carries the MAC, the XML given does not: the repeat must still find nothing to do."""
+    from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import build_domain_xml
+
+    xml = build_domain_xml(savestate_record("/srv/new/web01.qcow2"))
+    first = define_image(str(signed), DefineRequest(xml=xml))
+    assert first.changed and first.authenticated and "<savestate:mac" in first.after.xml
+    snapshot = signed.read_bytes(), signed.stat().st_mtime_ns
+    assert not define_image(str(signed), DefineRequest(xml=xml), check_mode=True).changed
+    assert not define_image(str(signed), DefineRequest(xml=xml)).changed
+    assert (signed.read_bytes(), signed.stat().st_mtime_ns) == snapshot
+    with open_image(str(signed), key) as opened:
+        assert opened.authenticated and opened.record.disks[0].path == "/srv/new/web01.qcow2"
