@@ -96,6 +96,11 @@ class GuestRecord:
     saved_at: Optional[str] = None
     cwd: Optional[str] = None           # QEMU's working directory: relative paths in argv resolve from it
     origin: str = ORIGIN_SAVESTATE
+    # Who the saved QEMU ran as (restore starts it with these credentials, never more).
+    owner_uid: Optional[int] = None
+    owner_gid: Optional[int] = None
+    owner_groups: tuple[int, ...] = field(default_factory=tuple)
+    owner_user: Optional[str] = None    # the user's name at save time
 
     def metadata(self) -> Optional[dict[str, Any]]:
         """Our metadata as a plain dict (None for libvirt's images, which have none)."""
@@ -110,7 +115,15 @@ class GuestRecord:
             "disks": [disk.to_dict() for disk in self.disks],
             "saved_at": self.saved_at,
             "cwd": self.cwd,
+            "credentials": self.credentials(),
         }
+
+    def credentials(self) -> Optional[dict[str, Any]]:
+        """The saved QEMU's uid, gid, groups and user name; None if the save did not record them."""
+        if self.owner_uid is None and self.owner_gid is None and not self.owner_groups and self.owner_user is None:
+            return None
+        return {"uid": self.owner_uid, "gid": self.owner_gid, "groups": list(self.owner_groups),
+                "user": self.owner_user}
 
 
 # --- text that XML cannot carry -----------------------------------------------------
@@ -144,6 +157,8 @@ def _to_bytes(text: str) -> bytes:
 
 def _set_text(element: Any, text: str) -> None:
     """Store ``text`` exactly: as element text when XML keeps it intact, else base64."""
+    if "\0" in text:
+        raise DomainXMLError(f"{_sanitized(text)!r} holds a NUL byte, which no argument, path or name can carry")
     if _needs_encoding(text):
         element.set("encoding", BASE64)
         element.text = base64.b64encode(_to_bytes(text)).decode("ascii")
@@ -160,9 +175,15 @@ def _get_text(element: Any) -> str:
     if encoding != BASE64:
         raise DomainXMLError(f"unknown encoding {encoding!r} on <{PREFIX}:{etree.QName(element).localname}>")
     try:
-        return base64.b64decode(text.strip(), validate=True).decode("utf-8", "surrogateescape")
+        decoded = base64.b64decode(text.strip(), validate=True).decode("utf-8", "surrogateescape")
     except (binascii.Error, ValueError):
         raise DomainXMLError(f"<{PREFIX}:{etree.QName(element).localname}> holds invalid base64") from None
+    if "\0" in decoded:
+        # No command-line argument, path or name can hold one: it would cut the value short
+        # where the kernel reads it, so that QEMU would see something else than every check.
+        raise DomainXMLError(f"<{PREFIX}:{etree.QName(element).localname}> holds a NUL byte; the image is "
+                             "damaged or forged")
+    return decoded
 
 
 # --- parsing, hardened --------------------------------------------------------------
@@ -310,6 +331,30 @@ def _metadata_argv(meta: Any) -> Optional[tuple[str, ...]]:
     return tuple(_get_text(arg) for arg in argv.iterfind(_tag("arg")))
 
 
+def _int_list(element: Any, name: str) -> tuple[int, ...]:
+    raw = (element.get(name) or "").strip()
+    if not raw:
+        return ()
+    try:
+        values = tuple(int(item) for item in raw.split(","))
+    except ValueError:
+        raise DomainXMLError(f"invalid {name}={raw!r} on <{PREFIX}:credentials>") from None
+    if any(value < 0 for value in values):
+        raise DomainXMLError(f"invalid {name}={raw!r} on <{PREFIX}:credentials>")
+    return values
+
+
+def _metadata_credentials(meta: Any) -> dict[str, Any]:
+    element = meta.find(_tag("credentials"))
+    if element is None:
+        return {}
+    uid, gid = _int_attr(element, "uid"), _int_attr(element, "gid")
+    if (uid is not None and uid < 0) or (gid is not None and gid < 0):
+        raise DomainXMLError(f"negative uid or gid on <{PREFIX}:credentials>")
+    return {"owner_uid": uid, "owner_gid": gid, "owner_groups": _int_list(element, "groups"),
+            "owner_user": element.get("user")}
+
+
 def _record_from_tree(root: Any) -> GuestRecord:
     name_element = root.find("name")
     if name_element is None or not (name_element.text or "").strip():
@@ -340,7 +385,7 @@ def _record_from_tree(root: Any) -> GuestRecord:
         emulator=_child_text(meta, "emulator"), qemu_version=_child_text(meta, "qemu-version"),
         argv=_metadata_argv(meta), qmp=_child_text(meta, "qmp"), disks=_metadata_disks(meta),
         saved_at=_child_text(meta, "saved-at"), cwd=_child_text(meta, "cwd"), origin=ORIGIN_SAVESTATE,
-        **common)
+        **_metadata_credentials(meta), **common)
 
 
 def parse_domain_xml(xml: str) -> GuestRecord:
@@ -350,6 +395,34 @@ def parse_domain_xml(xml: str) -> GuestRecord:
 
 def has_savestate_metadata(xml: str) -> bool:
     return _metadata_element(_parse(xml)) is not None
+
+
+# --- the MAC element ----------------------------------------------------------------
+#
+# <savestate:mac key-id="...">64 hex digits</savestate:mac> in our metadata. This
+# module only stores and finds it; _image_auth.py computes and checks the value.
+
+def read_mac(xml: str) -> Optional[tuple[str, str]]:
+    """(key id, MAC hex) of the image's MAC element, or None if it has none (or no metadata)."""
+    meta = _metadata_element(_parse(xml))
+    element = meta.find(_tag("mac")) if meta is not None else None
+    if element is None:
+        return None
+    return element.get("key-id") or "", (element.text or "").strip()
+
+
+def with_mac(xml: str, key_id: str, value: str) -> Optional[str]:
+    """``xml`` with one MAC element holding ``value``; None for an XML without our metadata."""
+    root = _parse(xml)
+    meta = _metadata_element(root)
+    if meta is None:
+        return None
+    for old in meta.findall(_tag("mac")):
+        meta.remove(old)
+    element = etree.SubElement(meta, _tag("mac"))
+    element.set("key-id", key_id)
+    element.text = value
+    return _serialize(root, xml)
 
 
 # --- writing ------------------------------------------------------------------------
@@ -388,6 +461,20 @@ def _check_buildable(record: GuestRecord) -> None:
         raise DomainXMLError(f"guest {record.name!r}: memory size and machine type are required")
 
 
+def _build_credentials(meta: Any, record: GuestRecord) -> None:
+    if record.credentials() is None:
+        return
+    element = etree.SubElement(meta, _tag("credentials"))
+    if record.owner_uid is not None:
+        element.set("uid", str(record.owner_uid))
+    if record.owner_gid is not None:
+        element.set("gid", str(record.owner_gid))
+    if record.owner_groups:
+        element.set("groups", ",".join(str(group) for group in record.owner_groups))
+    if record.owner_user is not None and _xml_safe(record.owner_user):
+        element.set("user", record.owner_user)
+
+
 def _build_metadata(metadata: Any, record: GuestRecord, domain_name: str) -> None:
     meta = etree.SubElement(metadata, _tag("qemu-save"), nsmap={PREFIX: NAMESPACE})
     if domain_name != record.name:
@@ -398,6 +485,7 @@ def _build_metadata(metadata: Any, record: GuestRecord, domain_name: str) -> Non
     _meta_text(meta, "qmp", record.qmp)
     _meta_text(meta, "saved-at", record.saved_at)
     _meta_text(meta, "cwd", record.cwd)
+    _build_credentials(meta, record)
     if record.argv is not None:
         argv = etree.SubElement(meta, _tag("argv"))
         for arg in record.argv:

@@ -36,6 +36,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     ImageIncompleteError,
     ImageTooLargeError,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._image_key import open_private_dir, state_dir
 
 HEADER_SIZE = 92
 MAGIC_COMPLETE = b"LibvirtQemudSave"
@@ -257,6 +258,7 @@ def parse_data_area(header: SaveHeader, data: bytes) -> tuple[str, Optional[str]
                          "the header or the data area is corrupt")
     if xml_end == 0:
         raise ImageError("the image holds no domain XML (the data area starts with NUL)")
+    _check_only_zeros("domain XML", xml_region[xml_end:])
     xml = _decode_text("domain XML", xml_region[:xml_end])
     if header.cookie_len == 0:
         return xml, None
@@ -264,7 +266,19 @@ def parse_data_area(header: SaveHeader, data: bytes) -> tuple[str, Optional[str]
     cookie_end = cookie_region.find(b"\0")
     if cookie_end < 0:
         raise ImageError("the save cookie is not NUL-terminated within the data area; the image is corrupt")
+    _check_only_zeros("save cookie", cookie_region[cookie_end:])
     return xml, _decode_text("save cookie", cookie_region[:cookie_end])
+
+
+def _check_only_zeros(what: str, rest: bytes) -> None:
+    """After the terminating NUL comes padding: zeros (libvirt and we write nothing else).
+
+    Text hidden behind a NUL is ignored by libvirt's reader but not necessarily by
+    every tool; an image carrying some is damaged or forged.
+    """
+    if rest.count(0) != len(rest):
+        raise ImageError(f"the {what} has a NUL byte followed by more data; the image is damaged or forged "
+                         "(NUL bytes are not allowed inside the XML or the cookie)")
 
 
 # --- low-level I/O ------------------------------------------------------------------
@@ -300,14 +314,6 @@ def _file_size(fd: int) -> int:
         finally:
             os.lseek(fd, position, os.SEEK_SET)
     return info.st_size
-
-
-def _fsync_dir(path: str) -> None:
-    dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 # --- the reader ---------------------------------------------------------------------
@@ -385,15 +391,17 @@ def _prefixed(path: str, error: ImageError) -> ImageError:
     return type(error)(f"{path}: {error}")
 
 
-def read_image_fd(fd: int, path: str, allow_incomplete: bool = False) -> SaveImage:
+def read_image_fd(fd: int, path: str, allow_incomplete: bool = False,
+                  pread: Optional[_Pread] = None) -> SaveImage:
     """Read and validate the image open at ``fd`` (``path`` names it in messages).
 
-    Uses positioned reads: the fd's offset is left as it was.
+    Uses positioned reads: the fd's offset is left as it was. ``pread`` replaces
+    the file's own reads (see :func:`journal_pread`).
     """
     try:
         info = os.fstat(fd)
         size = _file_size(fd)
-        return _validate(path, lambda n, off: _pread_exact(fd, n, off), size,
+        return _validate(path, pread or (lambda n, off: _pread_exact(fd, n, off)), size,
                          info.st_blocks * 512, allow_incomplete)
     except ImageError as error:
         raise _prefixed(path, error) from None
@@ -402,10 +410,10 @@ def read_image_fd(fd: int, path: str, allow_incomplete: bool = False) -> SaveIma
 
 
 def read_image(path: str, allow_incomplete: bool = False) -> SaveImage:
-    """Read and validate the image at ``path``.
+    """Read and validate the image at ``path`` (no trust checks: see _image_auth.open_image).
 
     Fails if an interrupted :func:`rewrite_data_area` left a journal: the image may
-    be half rewritten until :func:`recover_interrupted_rewrite` rolls it back.
+    be half rewritten until :func:`recover_interrupted_rewrite_fd` rolls it back.
     ``allow_incomplete`` returns images with the partial magic (for reporting);
     their stream is not checked.
     """
@@ -436,8 +444,20 @@ def _open_image(path: str, flags: int) -> int:
 
 # --- the writer ---------------------------------------------------------------------
 
+# seal(header bytes, data area) -> the data area with its MAC filled in, the same
+# length (_image_auth.py provides it; this module knows nothing of keys or XML).
+Sealer = Callable[[bytes, bytes], bytes]
+
+
+def _sealed(seal: Sealer, header: SaveHeader, data: bytes) -> bytes:
+    sealed = seal(header.pack(), data)
+    if len(sealed) != len(data):
+        raise ImageError("signing the image changed the size of its data area")
+    return sealed
+
+
 def write_new_image(fd: int, xml: str, cookie: Optional[str], was_running: bool,
-                    fmt: ImageFormat) -> SaveHeader:
+                    fmt: ImageFormat, seal: Optional[Sealer] = None) -> SaveHeader:
     """Write the partial-magic header and the data area at offset 0 of an empty file.
 
     Leaves ``fd`` positioned at the stream offset, where the stream goes. The
@@ -451,7 +471,10 @@ def write_new_image(fd: int, xml: str, cookie: Optional[str], was_running: bool,
     header = SaveHeader(complete=False, version=CURRENT_VERSION, data_len=data_len,
                         was_running=was_running, format=fmt,
                         cookie_offset=len(xml_bytes) if cookie is not None else 0)
-    _pwrite_all(fd, header.pack() + _data_area(xml_bytes, cookie_bytes, data_len), 0)
+    data = _data_area(xml_bytes, cookie_bytes, data_len)
+    if seal is not None:
+        data = _sealed(seal, header, data)
+    _pwrite_all(fd, header.pack() + data, 0)
     os.lseek(fd, header.stream_offset, os.SEEK_SET)
     return header
 
@@ -469,38 +492,60 @@ def finalize_image(fd: int, header: SaveHeader) -> SaveHeader:
 #
 # An edit rewrites the header and the data area of a finished image. A crash in the
 # middle could leave a header that does not match the data area, so the old bytes
-# go to a journal first (a sidecar file, synced with its directory). The journal is
-# removed only once the new bytes are on disk; while it exists the image is
-# suspect, readers refuse it, and recover_interrupted_rewrite() puts the old bytes
-# back. The stream is never touched, so the old header and data area are all there
-# is to restore.
+# go to a journal first (synced with its directory). The journal is removed only
+# once the new bytes are on disk; while it exists the image is suspect, readers
+# refuse it, and recover_interrupted_rewrite() puts the old bytes back. The stream
+# is never touched, so the old header and data area are all there is to restore.
+#
+# Journals live in our private state directory (_image_key.state_dir()/journals,
+# 0700, ours alone), named after the image's device and inode, never next to the
+# image: whoever can write the image's directory must not be able to plant a
+# journal that rolls an image back, nor a FIFO that hangs us. An entry there that is
+# not a regular file of ours (a FIFO, a symbolic link, another owner's file) is
+# ignored and removed; it is never opened in a way that can block or follow a link.
 
-JOURNAL_SUFFIX = ".savestate-journal"
-_JOURNAL_MAGIC = b"SSQJRNL1"
-# magic, inode, size of the image, length of the saved bytes, sha256 of the rest
-_JOURNAL_HEAD = struct.Struct("<8sQQI32s")
-
-
-def journal_path(path: str) -> str:
-    return path + JOURNAL_SUFFIX
-
-
-def _journal_identity(info: os.stat_result) -> tuple[int, int]:
-    # Inode and size rather than st_dev: device numbers can change across the
-    # reboot that follows a crash, inode numbers of a local file do not, and an
-    # in-place rewrite never changes the size.
-    return info.st_ino, info.st_size
+JOURNAL_DIR = "journals"
+_JOURNAL_MAGIC = b"SSQJRNL2"
+# magic, device, inode, size of the image, length of the saved bytes, sha256 of the rest
+_JOURNAL_HEAD = struct.Struct("<8sQQQI32s")
+_JOURNAL_IDENTITY = struct.Struct("<QQQI")
+_JOURNAL_MAX = _JOURNAL_HEAD.size + HEADER_SIZE + MAX_DATA_LEN
 
 
-def _encode_journal(identity: tuple[int, int], old_bytes: bytes) -> bytes:
-    body = struct.pack("<QQI", identity[0], identity[1], len(old_bytes)) + old_bytes
-    digest = hashlib.sha256(body).digest()
-    return _JOURNAL_HEAD.pack(_JOURNAL_MAGIC, identity[0], identity[1], len(old_bytes), digest) + old_bytes
+def journal_directory() -> str:
+    return os.path.join(state_dir(), JOURNAL_DIR)
+
+
+def _journal_name(info: os.stat_result) -> str:
+    return f"{info.st_dev:x}-{info.st_ino:x}.journal"
+
+
+def journal_path_for(info: os.stat_result) -> str:
+    """Where the journal of the image with this fstat lives."""
+    return os.path.join(journal_directory(), _journal_name(info))
+
+
+def _open_journal_dir(create: bool) -> Optional[int]:
+    base = open_private_dir(state_dir(), create=create)
+    if base is None:
+        return None
+    os.close(base)
+    return open_private_dir(journal_directory(), create=create)
+
+
+def _journal_identity(info: os.stat_result) -> tuple[int, int, int]:
+    # An in-place rewrite never changes the size: a journal for another size is stale.
+    return info.st_dev, info.st_ino, info.st_size
+
+
+def _encode_journal(identity: tuple[int, int, int], old_bytes: bytes) -> bytes:
+    digest = hashlib.sha256(_JOURNAL_IDENTITY.pack(*identity, len(old_bytes)) + old_bytes).digest()
+    return _JOURNAL_HEAD.pack(_JOURNAL_MAGIC, *identity, len(old_bytes), digest) + old_bytes
 
 
 @dataclass(frozen=True)
 class _Journal:
-    identity: tuple[int, int]
+    identity: tuple[int, int, int]
     old_bytes: bytes
 
 
@@ -508,97 +553,150 @@ def _decode_journal(raw: bytes) -> Optional[_Journal]:
     """The journal, or None if it is not a whole, intact one (a crash while writing it)."""
     if len(raw) < _JOURNAL_HEAD.size:
         return None
-    magic, inode, size, length, digest = _JOURNAL_HEAD.unpack(raw[:_JOURNAL_HEAD.size])
+    magic, dev, ino, size, length, digest = _JOURNAL_HEAD.unpack(raw[:_JOURNAL_HEAD.size])
     old_bytes = raw[_JOURNAL_HEAD.size:]
     if magic != _JOURNAL_MAGIC or len(old_bytes) != length or length < HEADER_SIZE:
         return None
-    if hashlib.sha256(struct.pack("<QQI", inode, size, length) + old_bytes).digest() != digest:
+    if hashlib.sha256(_JOURNAL_IDENTITY.pack(dev, ino, size, length) + old_bytes).digest() != digest:
         return None
-    return _Journal((inode, size), old_bytes)
+    old_header = _header_or_none(old_bytes)
+    if old_header is None or old_header.stream_offset != length:
+        return None  # it must hold exactly a header and its data area
+    return _Journal((dev, ino, size), old_bytes)
 
 
-def _read_journal(path: str) -> tuple[bool, Optional[_Journal]]:
-    """(exists, journal); journal is None when the file exists but is not intact."""
+@dataclass(frozen=True)
+class _JournalEntry:
+    """What the journal directory holds for one image.
+
+    ``kind``: "none"; "foreign" (not a regular file of ours: ignored, removed when we
+    need the name); "damaged" (ours, but not whole: a crash while writing it, before
+    the image was touched); "intact".
+    """
+
+    kind: str
+    path: str
+    journal: Optional[_Journal] = None
+
+
+def _read_journal_entry(dir_fd: int, name: str, path: str) -> _JournalEntry:
     try:
-        with open(journal_path(path), "rb") as handle:
-            raw = handle.read(MAX_DATA_LEN + HEADER_SIZE + _JOURNAL_HEAD.size + 1)
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY,
+                     dir_fd=dir_fd)
     except FileNotFoundError:
-        return False, None
-    except OSError as error:
-        raise ImageError(f"{path}: cannot read its edit journal {journal_path(path)}: "
-                         f"{error.strerror or error}") from None
-    return True, _decode_journal(raw)
+        return _JournalEntry("none", path)
+    except OSError:
+        return _JournalEntry("foreign", path)  # a symbolic link (ELOOP), a FIFO without writer (ENXIO), ...
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022 \
+                or info.st_nlink != 1 or info.st_size > _JOURNAL_MAX:
+            return _JournalEntry("foreign", path)
+        raw = _pread_exact(fd, _JOURNAL_MAX + 1, 0)
+    finally:
+        os.close(fd)
+    journal = _decode_journal(raw)
+    return _JournalEntry("damaged" if journal is None else "intact", path, journal)
 
 
-def _journal_applies(journal: Optional[_Journal], info: os.stat_result) -> bool:
-    """A damaged journal counts as applying: we cannot tell, so we keep the image suspect."""
-    return journal is None or journal.identity == _journal_identity(info)
+def _find_journal(info: os.stat_result) -> _JournalEntry:
+    path = journal_path_for(info)
+    dir_fd = _open_journal_dir(create=False)
+    if dir_fd is None:
+        return _JournalEntry("none", path)
+    try:
+        return _read_journal_entry(dir_fd, _journal_name(info), path)
+    finally:
+        os.close(dir_fd)
+
+
+def _journal_applies(entry: _JournalEntry, info: os.stat_result) -> bool:
+    """A damaged journal of ours counts as applying: we cannot tell, so we keep the image suspect."""
+    if entry.kind == "damaged":
+        return True
+    return entry.kind == "intact" and entry.journal is not None and entry.journal.identity == _journal_identity(info)
 
 
 def check_no_pending_journal(path: str, fd: int) -> None:
     """Refuse an image that an interrupted rewrite may have left half written."""
-    exists, journal = _read_journal(path)
-    if not exists:
-        return
     try:
         info = os.fstat(fd)
     except OSError as error:
         raise ImageError(f"{path}: cannot read the save image: {error.strerror or error}") from None
-    if _journal_applies(journal, info):
+    entry = _find_journal(info)
+    if _journal_applies(entry, info):
         raise ImageError(
-            f"{path}: an interrupted save_image_define left a journal ({journal_path(path)}); the image may be "
+            f"{path}: an interrupted save_image_define left a journal ({entry.path}); the image may be "
             "half rewritten. Run savestate.qemu.save_image_define on this path again (any options) to roll "
             "the image back to its state before that edit, then repeat the edit if you still want it.")
 
 
-def recover_interrupted_rewrite(path: str) -> bool:
-    """Roll back an interrupted rewrite of ``path``; True if a journal was found and dealt with.
+def has_pending_journal_fd(fd: int) -> bool:
+    info = os.fstat(fd)
+    return _journal_applies(_find_journal(info), info)
 
-    An intact journal for this file puts the old header and data area back. A
-    damaged journal means the crash came while writing the journal, before the
-    image was touched, and a journal for another file (the image was replaced
-    since) is stale: both are simply removed.
-    """
-    exists, journal = _read_journal(path)
-    if not exists:
-        return False
-    fd = _open_image(path, os.O_RDWR)
+
+def _remove_journal_entry(info: os.stat_result) -> None:
+    dir_fd = _open_journal_dir(create=False)
+    if dir_fd is None:
+        return
     try:
-        _lock(fd, path)
-        if journal is not None and journal.identity == _journal_identity(os.fstat(fd)):
-            _pwrite_all(fd, journal.old_bytes, 0)
+        os.unlink(_journal_name(info), dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def recover_interrupted_rewrite_fd(fd: int, path: str) -> bool:
+    """Roll back an interrupted rewrite of the image open read-write (and locked) at ``fd``.
+
+    True if a journal of ours was found and dealt with. An intact journal for this
+    file puts the old header and data area back. A damaged journal means the crash
+    came while writing the journal, before the image was touched, and a journal for
+    another file (same inode number, since replaced) is stale: both are removed, as
+    is anything foreign under the journal's name (never read, never followed).
+    """
+    info = os.fstat(fd)
+    entry = _find_journal(info)
+    if entry.kind == "none":
+        return False
+    try:
+        if entry.kind == "intact" and entry.journal is not None \
+                and entry.journal.identity == _journal_identity(info):
+            _pwrite_all(fd, entry.journal.old_bytes, 0)
             os.fsync(fd)
     except OSError as error:
-        raise ImageError(f"{path}: cannot roll back the interrupted edit from {journal_path(path)}: "
+        raise ImageError(f"{path}: cannot roll back the interrupted edit from {entry.path}: "
                          f"{error.strerror or error}") from None
-    finally:
-        os.close(fd)
-    _remove_journal(path)
-    return True
+    _remove_journal_entry(info)
+    return entry.kind != "foreign"
 
 
 def _write_journal(path: str, fd: int, old_bytes: bytes) -> None:
-    name = journal_path(path)
-    record = _encode_journal(_journal_identity(os.fstat(fd)), old_bytes)
+    info = os.fstat(fd)
+    name = _journal_name(info)
+    record = _encode_journal(_journal_identity(info), old_bytes)
+    dir_fd = _open_journal_dir(create=True)
     try:
-        journal_fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    except FileExistsError:
-        raise ImageError(f"{path}: a journal of an earlier, interrupted edit exists ({name}); "
-                         "run save_image_define again to roll it back first") from None
-    try:
-        _pwrite_all(journal_fd, record, 0)
-        os.fsync(journal_fd)
+        entry = _read_journal_entry(dir_fd, name, journal_path_for(info))
+        if entry.kind == "foreign":
+            os.unlink(name, dir_fd=dir_fd)
+        try:
+            journal_fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                                 dir_fd=dir_fd)
+        except FileExistsError:
+            raise ImageError(f"{path}: a journal of an earlier, interrupted edit exists ({entry.path}); "
+                             "run save_image_define again to roll it back first") from None
+        try:
+            _pwrite_all(journal_fd, record, 0)
+            os.fsync(journal_fd)
+        finally:
+            os.close(journal_fd)
+        os.fsync(dir_fd)
     finally:
-        os.close(journal_fd)
-    _fsync_dir(name)
-
-
-def _remove_journal(path: str) -> None:
-    try:
-        os.unlink(journal_path(path))
-    except FileNotFoundError:
-        return
-    _fsync_dir(path)
+        os.close(dir_fd)
 
 
 def _lock(fd: int, path: str) -> None:
@@ -633,16 +731,18 @@ def new_data_area_header(header: SaveHeader, xml: str, cookie: Optional[str],
 
 
 def rewrite_data_area(fd: int, header: SaveHeader, xml: str, cookie: Optional[str],
-                      was_running: Optional[bool] = None, *, path: str) -> SaveHeader:
+                      was_running: Optional[bool] = None, *, path: str, seal: Optional[Sealer] = None) -> SaveHeader:
     """Replace the XML and cookie (and optionally the restore state) of the image at ``fd``.
 
     ``fd`` is open read-write on ``path`` and ``header`` is what it holds now. The
     magic, version, format, byte order and ``data_len`` stay as they were; the
     stream is not touched. Nothing is written when nothing changes. Crash-safe
-    through a journal next to the image (see above).
+    through a journal (see above). ``seal`` fills in the MAC (see :data:`Sealer`).
     """
     try:
         new, data = new_data_area_header(header, xml, cookie, was_running)
+        if seal is not None:
+            data = _sealed(seal, new, data)
     except ImageError as error:
         raise _prefixed(path, error) from None
     new_bytes = new.pack() + data
@@ -658,18 +758,70 @@ def rewrite_data_area(fd: int, header: SaveHeader, xml: str, cookie: Optional[st
         os.fsync(fd)
         _pwrite_all(fd, new.pack(), 0)
         os.fsync(fd)
-        _remove_journal(path)
+        _remove_journal_entry(os.fstat(fd))
     except OSError as error:
         raise ImageError(f"{path}: cannot rewrite the save image: {error.strerror or error}") from None
     return new
 
 
-def open_for_rewrite(path: str) -> tuple[int, SaveImage]:
-    """Open a complete image read-write, locked, after rolling back any interrupted edit."""
-    recover_interrupted_rewrite(path)
-    fd = _open_image(path, os.O_RDWR)
+def journal_pread(fd: int) -> Optional[_Pread]:
+    """A pread that sees the image as :func:`recover_interrupted_rewrite_fd` would leave it.
+
+    None when there is no intact journal for this file (the file reads as it is).
+    With one, the old header and data area come from the journal, the stream from
+    the file. For check mode: nothing is written.
+    """
+    info = os.fstat(fd)
+    entry = _find_journal(info)
+    if entry.kind != "intact" or entry.journal is None or entry.journal.identity != _journal_identity(info):
+        return None
+    saved = entry.journal.old_bytes
+
+    def pread(size: int, offset: int) -> bytes:
+        head = saved[offset:offset + size] if offset < len(saved) else b""
+        rest = size - len(head)
+        if rest <= 0:
+            return head
+        return head + _pread_exact(fd, rest, offset + len(head))
+
+    return pread
+
+
+# --- by path (tests, tools): the modules go through _image_auth.open_image ----------
+
+def _open_by_path(path: str, flags: int) -> int:
+    return _open_image(path, flags | os.O_NOFOLLOW)
+
+
+def journal_path(path: str) -> str:
+    """Where the journal of the image at ``path`` is (or would be)."""
+    return journal_path_for(os.stat(path))
+
+
+def has_pending_journal(path: str) -> bool:
+    fd = _open_by_path(path, os.O_RDONLY)
+    try:
+        return has_pending_journal_fd(fd)
+    finally:
+        os.close(fd)
+
+
+def recover_interrupted_rewrite(path: str) -> bool:
+    """:func:`recover_interrupted_rewrite_fd` on the image at ``path``."""
+    fd = _open_by_path(path, os.O_RDWR)
     try:
         _lock(fd, path)
+        return recover_interrupted_rewrite_fd(fd, path)
+    finally:
+        os.close(fd)
+
+
+def open_for_rewrite(path: str) -> tuple[int, SaveImage]:
+    """Open a complete image read-write, locked, after rolling back any interrupted edit."""
+    fd = _open_by_path(path, os.O_RDWR)
+    try:
+        _lock(fd, path)
+        recover_interrupted_rewrite_fd(fd, path)
         return fd, read_image_fd(fd, path)
     except BaseException:
         os.close(fd)
@@ -677,35 +829,9 @@ def open_for_rewrite(path: str) -> tuple[int, SaveImage]:
 
 
 def read_image_as_recovered(path: str, allow_incomplete: bool = False) -> SaveImage:
-    """The image as :func:`recover_interrupted_rewrite` would leave it, without writing anything.
-
-    For check mode: with an intact journal for this file the old header and data
-    area come from the journal, the stream from the file.
-    """
-    exists, journal = _read_journal(path)
-    fd = _open_image(path, os.O_RDONLY)
+    """The image as :func:`recover_interrupted_rewrite` would leave it, without writing anything."""
+    fd = _open_by_path(path, os.O_RDONLY)
     try:
-        info = os.fstat(fd)
-        if not exists or journal is None or journal.identity != _journal_identity(info):
-            return read_image_fd(fd, path, allow_incomplete)
-        saved = journal.old_bytes
-
-        def pread(size: int, offset: int) -> bytes:
-            head = saved[offset:offset + size] if offset < len(saved) else b""
-            rest = size - len(head)
-            if rest <= 0:
-                return head
-            return head + _pread_exact(fd, rest, offset + len(head))
-
-        try:
-            return _validate(path, pread, _file_size(fd), info.st_blocks * 512, allow_incomplete)
-        except ImageError as error:
-            raise _prefixed(path, error) from None
-    except OSError as error:
-        raise ImageError(f"{path}: cannot read the save image: {error.strerror or error}") from None
+        return read_image_fd(fd, path, allow_incomplete, journal_pread(fd))
     finally:
         os.close(fd)
-
-
-def has_pending_journal(path: str) -> bool:
-    return os.path.lexists(journal_path(path))

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, replace
 from typing import Optional
 
@@ -21,18 +20,30 @@ from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import (
     remap_disk_paths,
     set_emulator,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._errors import DomainXMLError, ImageError
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
+    DomainXMLError,
+    ImageError,
+    PreconditionError,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._image import (
+    HEADER_SIZE,
     SaveImage,
-    has_pending_journal,
+    _pread_exact,
+    has_pending_journal_fd,
+    _sealed,
     new_data_area_header,
-    open_for_rewrite,
-    read_image_as_recovered,
+    parse_data_area,
     read_image_fd,
-    recover_interrupted_rewrite,
     rewrite_data_area,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import (
+    OpenedImage,
+    open_image,
+    signing_xml,
+    verify,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import parse_image_xml
+from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, load_key
 
 RESTORE_STATES = ("running", "paused")
 
@@ -45,6 +56,8 @@ class DefineRequest:
     disk_paths: Optional[dict[str, str]] = None
     emulator: Optional[str] = None
     restore_state: Optional[str] = None
+    # Edit an image without a valid MAC (it stays unauthenticated: an edit never signs it).
+    allow_unauthenticated: bool = False
 
     def was_running(self) -> Optional[bool]:
         return None if self.restore_state is None else self.restore_state == "running"
@@ -57,6 +70,8 @@ class DefineOutcome:
     before: SaveImage
     after: SaveImage      # in check mode: the image as it would be
     record: GuestRecord   # of ``after``
+    authenticated: bool = False          # ``after`` carries a valid MAC of this host's key
+    auth_problem: Optional[str] = None   # why not
 
 
 def _edited_xml(image: SaveImage, request: DefineRequest) -> str:
@@ -96,26 +111,65 @@ def _planned(image: SaveImage, request: DefineRequest) -> tuple[SaveImage, Guest
     return replace(image, header=header, xml=xml), record
 
 
+def _as_signed(planned: SaveImage, key: ImageKey) -> SaveImage:
+    """What signing the planned edit stores (the MAC is deterministic): check mode shows the real XML."""
+    xml, seal = signing_xml(planned.xml, key)
+    if seal is None:
+        return planned
+    header, data = new_data_area_header(planned.header, xml, planned.cookie)
+    return replace(planned, xml=parse_data_area(header, _sealed(seal, header, data))[0])
+
+
 def _differs(before: SaveImage, after: SaveImage) -> bool:
     return before.xml != after.xml or before.header != after.header
 
 
-def define_image(path: str, request: DefineRequest, check_mode: bool = False) -> DefineOutcome:
-    """Apply ``request`` to the image at ``path`` (or, in check mode, predict it)."""
+def _require_trust(opened: OpenedImage, request: DefineRequest) -> None:
+    if opened.authenticated or request.allow_unauthenticated:
+        return
+    raise PreconditionError(
+        f"refusing to edit {opened.path}: the image is not authenticated ({opened.auth_problem}). Restore "
+        "runs the command line it records, so only images this host (or its fleet) signed are edited and "
+        "signed again. To edit it anyway, set allow_unauthenticated: true; it then stays unauthenticated")
+
+
+def _signed_plan(opened: OpenedImage, request: DefineRequest, key: Optional[ImageKey]) -> tuple[SaveImage, GuestRecord]:
+    """The image as the edit leaves it, with its new MAC when it is authenticated and changes.
+
+    Compared with the image as it is, so that an edit repeated (an XML without the
+    MAC element, say) finds nothing to do.
+    """
+    planned, record = _planned(opened.image, request)
+    if key is not None and opened.authenticated and _differs(opened.image, planned):
+        planned = _as_signed(planned, key)
+    return planned, record
+
+
+def define_image(path: str, request: DefineRequest, check_mode: bool = False,
+                 key: Optional[ImageKey] = None) -> DefineOutcome:
+    """Apply ``request`` to the image at ``path`` (or, in check mode, predict it).
+
+    The image is opened once; an authenticated image is signed again after the
+    edit, an unauthenticated one (only with ``allow_unauthenticated``) is not.
+    """
+    key = key if key is not None else load_key(create=not check_mode)
     if check_mode:
-        pending = has_pending_journal(path)
-        before = read_image_as_recovered(path)
-        after, record = _planned(before, request)
-        return DefineOutcome(pending or _differs(before, after), pending, before, after, record)
-    recovered = recover_interrupted_rewrite(path)
-    fd, before = open_for_rewrite(path)
-    try:
-        planned, record = _planned(before, request)
-        if _differs(before, planned):
-            rewrite_data_area(fd, before.header, planned.xml, before.cookie, request.was_running(), path=path)
-            after = read_image_fd(fd, path)
-        else:
-            after = before
-    finally:
-        os.close(fd)
-    return DefineOutcome(recovered or _differs(before, after), recovered, before, after, record)
+        with open_image(path, key, as_recovered=True) as opened:
+            pending = has_pending_journal_fd(opened.fd)
+            _require_trust(opened, request)
+            after, record = _signed_plan(opened, request, key)
+            return DefineOutcome(pending or _differs(opened.image, after), pending, opened.image, after, record,
+                                 opened.authenticated, opened.auth_problem)
+    with open_image(path, key, writable=True, recover=True) as opened:
+        _require_trust(opened, request)
+        before = opened.image
+        planned, record = _signed_plan(opened, request, key)
+        if not _differs(before, planned):
+            return DefineOutcome(opened.recovered, opened.recovered, before, before, record,
+                                 opened.authenticated, opened.auth_problem)
+        # The planned XML already holds its MAC (deterministic): written as is, it verifies.
+        rewrite_data_area(opened.fd, before.header, planned.xml, before.cookie, request.was_running(), path=path)
+        after = read_image_fd(opened.fd, path)
+        problem = verify(key, after.xml, _pread_exact(opened.fd, HEADER_SIZE, 0),
+                         _pread_exact(opened.fd, after.header.data_len, HEADER_SIZE))
+    return DefineOutcome(True, opened.recovered, before, after, parse_image_xml(after), problem is None, problem)

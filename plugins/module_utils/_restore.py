@@ -40,6 +40,7 @@ from typing import Any, Optional
 from ansible_collections.savestate.qemu.plugins.module_utils._credentials import (
     LaunchPlan,
     plan_authenticated,
+    plan_unauthenticated,
     recorded_credentials,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import DiskRecord, GuestRecord
@@ -58,7 +59,9 @@ from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     guest_uuid,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveImage
-from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, load_image
+from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import OpenedImage, open_image
+from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image
+from ansible_collections.savestate.qemu.plugins.module_utils._image_key import load_key
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_process import (
     LaunchedQemu,
@@ -109,6 +112,7 @@ class RestoreRequest:
     parallel_channels: int = 1
     timeout: float = 600.0
     trace: bool = False
+    allow_unauthenticated: bool = False
 
 
 @dataclass
@@ -139,49 +143,19 @@ def _untrusted_writers(info: os.stat_result, allowed_uids: set[int]) -> Optional
     return None
 
 
-def _parents(path: str) -> list[str]:
-    """``/a/b/c`` -> ``[/a/b, /a, /]``."""
-    parents = []
-    directory = os.path.dirname(path)
-    while True:
-        parents.append(directory)
-        if directory == os.path.dirname(directory):
-            return parents
-        directory = os.path.dirname(directory)
+def check_authenticated(request: RestoreRequest, opened: OpenedImage) -> None:
+    """Refuse an image without a valid MAC of this host's key, unless the operator opted in.
 
-
-def check_image_trust(path: str) -> None:
-    """Refuse an image that a user other than root or its owner could have written.
-
-    The image holds the command line QEMU will run, so whoever can change it can
-    run programs as the user who restores. That covers the file itself and every
-    directory on the way to it, along the path as given (a symbolic link there can
-    be swapped) and along the resolved path: whoever can write one of those can
-    swap the image.
+    The image's command line decides what QEMU runs and as whom; only images this
+    host (or its fleet, sharing the key) wrote are trusted to say so.
     """
-    real = os.path.realpath(path)
-    try:
-        info = os.stat(real)
-    except OSError as error:
-        raise ImageError(f"{path}: cannot open the save image: {error.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise ImageError(f"{path} is not a regular file")
-    allowed = {0, info.st_uid}
-    problem = _untrusted_writers(info, allowed)
-    if problem:
-        raise PreconditionError(
-            f"refusing to restore {path}: the image {problem} (mode {stat.S_IMODE(info.st_mode):04o}). Its "
-            "command line decides what QEMU runs, so only root and the image's owner may be able to "
-            "change it; fix it with chmod go-w")
-    directories = _parents(os.path.abspath(path))
-    directories += [directory for directory in _parents(real) if directory not in directories]
-    for directory in directories:
-        problem = _untrusted_writers(os.stat(directory), allowed)
-        if problem:
-            raise PreconditionError(
-                f"refusing to restore {path}: the directory {directory} {problem}, so users other than "
-                "root and the image's owner could replace the image; move the image, or fix the "
-                "directory (chmod go-w, or chmod +t for a shared directory such as /tmp)")
+    if opened.authenticated or request.allow_unauthenticated:
+        return
+    raise PreconditionError(
+        f"refusing to restore {request.path}: the image is not authenticated ({opened.auth_problem}). Its "
+        "command line decides what QEMU runs, so restore only trusts images signed with this host's key "
+        "(a fleet shares one key: the savestate.qemu.image_key role). If you know where this image comes "
+        "from, set allow_unauthenticated: true")
 
 
 def _qemu_program_name(path: str) -> bool:
@@ -354,14 +328,19 @@ class GuestRestorer:
     """One restore of one image."""
 
     def __init__(self, request: RestoreRequest, image: SaveImage, record: GuestRecord,
-                 check_mode: bool) -> None:
+                 check_mode: bool, image_fd: int = -1, authenticated: bool = True,
+                 image_file_uid: int = 0) -> None:
         self.request = request
+        self.image_fd = image_fd            # the image, opened and verified once: the stream comes from it
+        self.authenticated = authenticated  # false only with allow_unauthenticated
+        self.image_file_uid = image_file_uid
         self.check_mode = check_mode
         self.image = image
         self.record = record
         self.warnings: list[str] = []
         self.trace: list[dict[str, Any]] = []
         self.emulator: Optional[str] = None
+        self.launch = LaunchPlan(None, "not planned yet")
 
     @property
     def target(self) -> str:
@@ -417,6 +396,7 @@ class GuestRestorer:
         if not emulator or not self.record.argv:
             raise PreconditionError(f"{self.request.path} records no QEMU command line")
         resolved = check_emulator(emulator)
+        self.launch = self.launch_plan()
         self.check_decompressor()
         self.check_disks()
         return resolved
@@ -440,7 +420,7 @@ class GuestRestorer:
     def restore(self, key: str) -> RestoreOutcome:
         """Start QEMU and load the image; call with the guest's lock held and identity checked."""
         emulator = self.emulator = self.preflight()
-        launch = self.launch_plan()
+        launch = self.launch
         cwd, warning = launch_directory(self.record.cwd)
         if warning:
             self.warnings.append(warning)
@@ -467,7 +447,10 @@ class GuestRestorer:
 
     def launch_plan(self) -> LaunchPlan:
         """Whose credentials the new QEMU gets: the saved QEMU's, never more (see _credentials)."""
-        return plan_authenticated(recorded_credentials(self.record), self.record.argv or (), os.geteuid())
+        recorded = recorded_credentials(self.record)
+        if self.authenticated:
+            return plan_authenticated(recorded, self.record.argv or (), os.geteuid())
+        return plan_unauthenticated(recorded, self.record.argv or (), self.image_file_uid, os.geteuid())
 
     def _record_without_private_monitor(self) -> GuestRecord:
         return replace(self.record, argv=tuple(without_private_monitor(self.record.argv or ())))
@@ -520,7 +503,8 @@ class GuestRestorer:
                             self.request.parallel_channels)
         settings = MigrationSettings(monitor)
         settings.apply(plan)
-        fd = os.open(self.request.path, os.O_RDONLY | os.O_CLOEXEC)
+        # The file opened, checked and verified once, never the path again (a copy: Stream closes its own).
+        fd = os.dup(self.image_fd)
         started = time.monotonic()
         try:
             with Stream(monitor, plan, fd, self.image.stream_offset, self.request.path, outgoing=False) as stream:
@@ -638,13 +622,16 @@ def restore_guest(request: RestoreRequest, check_mode: bool = False) -> RestoreO
     consumed = _consumed_image(request, check_mode)
     if consumed is not None:
         return consumed
-    check_image_trust(request.path)
-    image, record = load_image(request.path)
-    _check_expected_identity(request, record)
-    restorer = GuestRestorer(request, image, record, check_mode)
-    if check_mode:
-        return restorer.check_identity() or restorer.predict()
-    key = guest_key(record.uuid, record.name, 0)
-    # The lock first: a restore or save of this guest running in parallel finishes before we look.
-    with GuestLock(key, request.timeout, f"restore from {request.path}"):
-        return restorer.check_identity() or restorer.restore(key)
+    # Opened once: what is checked, verified and parsed is what QEMU is fed.
+    with open_image(request.path, load_key(create=not check_mode)) as opened:
+        record = opened.record
+        _check_expected_identity(request, record)  # first: libvirt's images get libvirt's way out
+        check_authenticated(request, opened)
+        restorer = GuestRestorer(request, opened.image, record, check_mode, opened.fd, opened.authenticated,
+                                 opened.file_uid)
+        if check_mode:
+            return restorer.check_identity() or restorer.predict()
+        key = guest_key(record.uuid, record.name, 0)
+        # The lock first: a restore or save of this guest running in parallel finishes before we look.
+        with GuestLock(key, request.timeout, f"restore from {request.path}"):
+            return restorer.check_identity() or restorer.restore(key)

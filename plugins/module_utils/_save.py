@@ -62,11 +62,13 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image import (
     rewrite_data_area,
     write_new_image,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import signing_xml
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import (
     describe_image,
     load_image,
     parse_image_xml,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, load_key
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor
 from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
     GuestLock,
@@ -393,18 +395,19 @@ class GuestSaver:
         resumed = self._finish_interrupted_save(journal) if journal else None
         if resumed is not None:
             return self._after_save(resumed, before, None)
+        key = load_key()  # before the guest stops: a key problem must not cost it a pause
         status = self.monitor.status()
         was_running = journal.was_running if journal else status == "running"
         if status == "running":
             self.monitor.execute("stop")
         try:
-            image_path, stats = self._write_image(plan, was_running)
+            image_path, stats = self._write_image(plan, was_running, key)
         except BaseException:
             self._recover(was_running)
             raise
         return self._after_save(image_path, before, stats)
 
-    def _write_image(self, plan: StreamPlan, was_running: bool) -> tuple[str, dict[str, Any]]:
+    def _write_image(self, plan: StreamPlan, was_running: bool, key: ImageKey) -> tuple[str, dict[str, Any]]:
         directory = os.path.dirname(os.path.abspath(self.request.path))
         try:
             fd, temp_path = tempfile.mkstemp(dir=directory, suffix=".partial",
@@ -419,7 +422,8 @@ class GuestSaver:
             record = build_record(self.monitor, self.guest, self.name, self.uuid, self.endpoint)
             restore_running = was_running if self.request.restore_state is None \
                 else self.request.restore_state == "running"
-            header = write_new_image(fd, build_domain_xml(record), None, restore_running, plan.image_format)
+            xml, seal = signing_xml(build_domain_xml(record), key)
+            header = write_new_image(fd, xml, None, restore_running, plan.image_format, seal=seal)
             started = time.monotonic()
             with Stream(self.monitor, plan, fd, header.stream_offset, temp_path, outgoing=True) as stream:
                 stream.start()
@@ -555,8 +559,8 @@ class GuestSaver:
             return
         fd = os.open(image_path, os.O_RDWR | os.O_CLOEXEC)
         try:
-            rewrite_data_area(fd, image.header, build_domain_xml(replace(record, disks=disks)),
-                              image.cookie, path=image_path)
+            xml, seal = signing_xml(build_domain_xml(replace(record, disks=disks)), load_key())
+            rewrite_data_area(fd, image.header, xml, image.cookie, path=image_path, seal=seal)
         finally:
             os.close(fd)
 

@@ -46,6 +46,16 @@ attributes:
       - A guest with the image's name and UUID already active is left alone (or only resumed, with
         O(state=running)).
 options:
+  allow_unauthenticated:
+    description:
+      - Restore an image that carries no valid MAC of this host's image key (libvirt's images never
+        do; neither do images of another fleet, images saved before signing, or images changed
+        after the save).
+      - Such an image's command line, which decides what QEMU runs, is not known to come from a
+        save on this host or its fleet. Set this only for images whose origin you trust.
+      - See docs/image-format.md and the savestate.qemu.image_key role (one key for a fleet).
+    type: bool
+    default: false
   path:
     description:
       - The save image.
@@ -246,6 +256,7 @@ def main() -> None:
             remove_image=dict(type="bool", default=False),
             parallel_channels=dict(type="int", default=1),
             timeout=dict(type="float", default=600.0),
+            allow_unauthenticated=dict(type="bool", default=False),
             **QMP_COMMON_ARGS,
         ),
         supports_check_mode=True,
@@ -261,7 +272,8 @@ def main() -> None:
     request = RestoreRequest(
         path=params["path"], state=params["state"], name=params["name"], uuid=params["uuid"],
         emulator=params["emulator"], disk_check=params["disk_check"], remove_image=params["remove_image"],
-        parallel_channels=params["parallel_channels"], timeout=params["timeout"], trace=params["qmp_trace"])
+        parallel_channels=params["parallel_channels"], timeout=params["timeout"], trace=params["qmp_trace"],
+        allow_unauthenticated=params["allow_unauthenticated"])
     try:
         outcome = restore_guest(request, check_mode=module.check_mode)
     except SaveStateError as error:

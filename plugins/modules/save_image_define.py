@@ -22,12 +22,18 @@ description:
     number of disks must stay as saved."
   - The new XML must fit in the space the image reserved for it (64 KiB more than the XML it was
     written with); otherwise the module fails with C(new xml too large to fit in file).
-  - The rewrite is crash-safe. The old header and XML go to a journal next to the image
-    (C(<path>.savestate-journal)) first. If the edit is interrupted, reading the image fails
+  - The image is opened once (never through a symbolic link) and its MAC verified before anything
+    is changed; an authenticated image is signed again after the edit with this host's image key.
+    An image without a valid MAC is refused unless O(allow_unauthenticated=true), and then edited
+    but not signed, so that an edit never turns an image into an authenticated one.
+  - The rewrite is crash-safe. The old header and XML go to a journal first, in root's private
+    state directory (C(/var/lib/savestate-qemu/journals/), named after the image's device and
+    inode; never next to the image). If the edit is interrupted, reading the image fails
     until this module runs again on it, which rolls the image back to how it was before the
     interrupted edit (and then applies the requested edit).
-  - Works on images written by this collection and by libvirt, in every format. Incomplete
-    images (their save never finished) are refused.
+  - Works on images written by this collection and by libvirt (libvirt's with
+    O(allow_unauthenticated=true)), in every format. Incomplete images (their save never
+    finished) are refused.
 author:
   - savestate.qemu contributors (@savestate)
 extends_documentation_fragment:
@@ -45,6 +51,13 @@ attributes:
     details:
       - When nothing would change, the image is not written at all (its contents and modification time stay).
 options:
+  allow_unauthenticated:
+    description:
+      - Edit an image that carries no valid MAC of this host's image key (libvirt's images, another
+        fleet's, images changed after the save).
+      - The image stays unauthenticated after the edit.
+    type: bool
+    default: false
   path:
     description:
       - The save image to change.
@@ -121,6 +134,11 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+authenticated:
+  description: Whether the image (after the edit) carries a valid MAC of this host's image key.
+  returned: success
+  type: bool
+  sample: true
 image:
   description:
     - The image after the change (in check mode, as it would be); the same dict as M(savestate.qemu.save_image_info)
@@ -236,7 +254,8 @@ def _request(module: AnsibleModule) -> DefineRequest:
         if bad:
             module.fail_json(msg=f"disk_paths maps old paths to new paths, both non-empty strings; check {bad}")
     return DefineRequest(xml=module.params["xml"], disk_paths=disk_paths, emulator=module.params["emulator"],
-                         restore_state=module.params["restore_state"])
+                         restore_state=module.params["restore_state"],
+                         allow_unauthenticated=module.params["allow_unauthenticated"])
 
 
 def main() -> None:
@@ -247,6 +266,7 @@ def main() -> None:
             disk_paths=dict(type="dict"),
             emulator=dict(type="path"),
             restore_state=dict(type="str", choices=list(RESTORE_STATES)),
+            allow_unauthenticated=dict(type="bool", default=False),
         ),
         supports_check_mode=True,
     )
@@ -258,7 +278,8 @@ def main() -> None:
     except SaveStateError as error:
         module.fail_json(msg=str(error))
     result = dict(changed=outcome.changed, recovered=outcome.recovered,
-                  image=describe_image(outcome.after, outcome.record), xml=outcome.after.xml)
+                  image=describe_image(outcome.after, outcome.record), xml=outcome.after.xml,
+                  authenticated=outcome.authenticated)
     if module._diff:
         result["diff"] = _diff(path, outcome)
     module.exit_json(**result)

@@ -61,6 +61,21 @@ EXAMPLES = r"""
 """
 
 RETURN = r"""
+authenticated:
+  description:
+    - Whether the image carries a valid MAC of this host's image key (see docs/image-format.md),
+      and its file is one only root or its owner can change.
+    - V(false) for libvirt's images, images of another fleet (another key), images saved before
+      signing and images changed after the save. M(savestate.qemu.restore) and
+      M(savestate.qemu.save_image_define) refuse those unless told otherwise.
+  returned: success
+  type: bool
+  sample: true
+authentication_problem:
+  description: Why the image is not authenticated; V(null) when it is.
+  returned: success
+  type: str
+  sample: "MAC mismatch: the header or data area changed after signing"
 image:
   description: What the image holds. M(savestate.qemu.save) and M(savestate.qemu.restore) return the same dict.
   returned: success
@@ -158,6 +173,7 @@ metadata:
         target: null
     saved_at: "2026-11-24T13:40:16Z"
     cwd: /var/lib/qemu/web01
+    credentials: {uid: 0, gid: 0, groups: [], user: root}
   contains:
     emulator:
       description: Path of the QEMU binary that ran the guest.
@@ -185,13 +201,44 @@ metadata:
     cwd:
       description: The saved QEMU's working directory; relative paths in RV(metadata.argv) resolve from it.
       type: str
+    credentials:
+      description:
+        - Who the saved QEMU process ran as; M(savestate.qemu.restore) starts QEMU with these credentials.
+        - V(null) when the image does not record them (saved by an older version).
+      type: dict
+      contains:
+        uid:
+          description: User id.
+          type: int
+        gid:
+          description: Group id.
+          type: int
+        groups:
+          description: Supplementary group ids.
+          type: list
+          elements: int
+        user:
+          description: The user's name at save time (informative; the ids count).
+          type: str
 """
+
+from typing import Optional
 
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import HAS_LXML, LXML_IMPORT_ERROR
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
-from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, load_image
+from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import open_image
+from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image
+from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, ImageKeyError, load_key
+
+
+def _host_key() -> tuple[Optional[ImageKey], Optional[str]]:
+    """The host key if there is one (reading an image never creates it), else why not."""
+    try:
+        return load_key(create=False), None
+    except ImageKeyError as error:
+        return None, f"the host key cannot be used: {error}"
 
 
 def main() -> None:
@@ -201,12 +248,19 @@ def main() -> None:
     )
     if not HAS_LXML:
         module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_IMPORT_ERROR)
+    key, key_problem = _host_key()
     try:
-        image, record = load_image(module.params["path"], allow_incomplete=True)
+        # Reporting only: a file others could write reads as unauthenticated instead of failing.
+        with open_image(module.params["path"], key, allow_incomplete=True, check_file=False) as opened:
+            image, record = opened.image, opened.record
+            problem = opened.auth_problem
+            if problem and key_problem and key is None:
+                problem = key_problem
     except SaveStateError as error:
         module.fail_json(msg=str(error))
     module.exit_json(changed=False, image=describe_image(image, record), xml=image.xml, cookie=image.cookie,
-                     origin=record.origin, metadata=record.metadata())
+                     origin=record.origin, metadata=record.metadata(), authenticated=problem is None,
+                     authentication_problem=problem)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,10 @@ import time
 
 import pytest
 
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
 from ansible_collections.savestate.qemu.plugins.module_utils._image import read_image, write_new_image
+from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import signing_xml
+from ansible_collections.savestate.qemu.plugins.module_utils._image_key import load_key
 from harness.guest import GuestSpec
 from harness.processes import qemu_processes
 from integration.ansible_runner import run_module
@@ -103,11 +106,18 @@ def test_header_and_xml_bit_flips_are_refused(qemu, guest_factory, workdir):
 
 
 def _hostile_copy(good, target, xml: str) -> None:
-    """``good``'s stream behind a data area holding ``xml``."""
+    """``good``'s stream behind a data area holding ``xml``, signed with the host key when the XML parses.
+
+    Signed, these test the checks behind the MAC (as if the key had leaked): each must hold on its own.
+    """
     image = read_image(str(good))
+    try:
+        xml, seal = signing_xml(xml, load_key())
+    except SaveStateError:
+        seal = None  # XML we refuse to parse cannot be signed: the parser refuses it on restore
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        header = write_new_image(fd, xml, None, image.was_running, image.format)
+        header = write_new_image(fd, xml, None, image.was_running, image.format, seal=seal)
         with open(good, "rb") as source:
             source.seek(image.stream_offset)
             os.write(fd, source.read())

@@ -31,7 +31,9 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image import (
     read_image,
     write_new_image,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import signing_xml
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, load_image
+from ansible_collections.savestate.qemu.plugins.module_utils._image_key import load_key
 
 from harness.libvirt import EmbeddedLibvirt, LibvirtError
 from harness.qemu import SYSTEM_QEMU
@@ -90,7 +92,8 @@ def _our_image(directory: Path, libvirt_raw: Path, record: GuestRecord, was_runn
     path = directory / "ours.save"
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        header = write_new_image(fd, build_domain_xml(record), None, was_running, ImageFormat.RAW)
+        xml, seal = signing_xml(build_domain_xml(record), load_key())  # signed, as a save signs it
+        header = write_new_image(fd, xml, None, was_running, ImageFormat.RAW, seal=seal)
         with open(libvirt_raw, "rb") as stream:
             stream.seek(source.stream_offset)
             while chunk := stream.read(1 << 20):
@@ -136,7 +139,7 @@ def test_virsh_reads_our_image(libvirt_images, tmp_path):
     record = _our_record()
     path = _our_image(tmp_path, images["raw"], record)
     dumped = host.virsh("save-image-dumpxml", str(path)).stdout
-    assert "<savestate:qemu-save" in dumped
+    assert "<savestate:qemu-save" in dumped and "<savestate:mac key-id=" in dumped  # libvirt reads a signed image
     parsed = parse_domain_xml(dumped)
     assert parsed.argv == record.argv and parsed.disks == record.disks and parsed.origin == "savestate"
     assert (parsed.name, parsed.uuid, parsed.memory_kib, parsed.machine) == (
@@ -193,8 +196,10 @@ def test_save_image_define_on_libvirts_image_keeps_virsh_working(libvirt_images,
     path = tmp_path / "edited.save"
     shutil.copyfile(images["raw"], path)
     xml = read_image(str(path)).xml.replace("<on_crash>destroy</on_crash>", "<on_crash>restart</on_crash>")
-    result = run_module("save_image_define", {"path": str(path), "xml": xml, "restore_state": "paused"})
+    result = run_module("save_image_define", {"path": str(path), "xml": xml, "restore_state": "paused",
+                                              "allow_unauthenticated": True})
     assert not result["failed"] and result["changed"], result.get("msg")
+    assert result["authenticated"] is False
     assert "<on_crash>restart</on_crash>" in host.virsh("save-image-dumpxml", str(path)).stdout
     try:
         host.restore(path)

@@ -282,19 +282,23 @@ def test_untrusted_images_and_emulators_are_refused(qemu, guest_factory, workdir
     ok(save(guest, path))
     saved_tick = guest.last_tick()
 
-    for mode, problem in ((0o620, "is writable by group 0"), (0o602, "is writable by every user")):
+    for mode in (0o620, 0o602):
         path.chmod(mode)
-        failed(restore(path), f"refusing to restore {path}: the image {problem}", "chmod go-w")
+        failed(restore(path), f"refusing the save image {path}: it is writable by group or others "
+               f"(mode {mode:04o})", "chmod go-w")
         nothing_started(workdir)
     path.chmod(0o600)
+    (workdir / "link.save").symlink_to(path)
+    failed(restore(workdir / "link.save"), "refusing a symbolic link as save image")
+    os.link(path, workdir / "hardlink.save")
+    failed(restore(path), "it has 2 hard links")
+    (workdir / "hardlink.save").unlink()
+    nothing_started(workdir)
     shared = workdir / "shared"
     shared.mkdir()
-    shared.chmod(0o777)
+    shared.chmod(0o1777)
     moved = shared / path.name
     path.rename(moved)
-    failed(restore(moved), f"the directory {shared} is writable by every user", "could replace the image")
-    nothing_started(workdir)
-    shared.chmod(0o1777)  # sticky, like /tmp: nobody else can replace the image
 
     failed(restore(moved, emulator="/nonexistent/qemu-system-x86_64"), "/nonexistent/qemu-system-x86_64",
            "does not exist")

@@ -55,11 +55,21 @@ def write_libvirt_fixture(directory: Path, fmt: str = "raw") -> Path:
 
 
 def make_image(path: Path, xml: str = SIMPLE_XML, cookie: str | None = SIMPLE_COOKIE, was_running: bool = True,
-               fmt: ImageFormat = ImageFormat.RAW, stream: bytes | None = None, finalize: bool = True) -> Path:
-    """A whole image written by the writer under test, with a fake stream of the right kind."""
+               fmt: ImageFormat = ImageFormat.RAW, stream: bytes | None = None, finalize: bool = True,
+               sign: bool = False) -> Path:
+    """A whole image written by the writer under test, with a fake stream of the right kind.
+
+    ``sign`` signs it with this host's image key, as a save does (our XML only).
+    """
+    from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import signing_xml
+    from ansible_collections.savestate.qemu.plugins.module_utils._image_key import load_key
+
+    seal = None
+    if sign:
+        xml, seal = signing_xml(xml, load_key())
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        header = write_new_image(fd, xml, cookie, was_running, fmt)
+        header = write_new_image(fd, xml, cookie, was_running, fmt, seal=seal)
         os.write(fd, FAKE_STREAMS[fmt] if stream is None else stream)
         if finalize:
             finalize_image(fd, header)
@@ -89,7 +99,8 @@ def savestate_record(disk_path: str = "/var/lib/images/web01.qcow2", name: str =
         saved_at="2026-11-24T13:40:16Z")
 
 
-def make_savestate_image(path: Path, record=None, **kwargs) -> Path:
+def make_savestate_image(path: Path, record=None, sign: bool = True, **kwargs) -> Path:
+    """An image as a save writes it: our XML, signed with this host's key (unless ``sign=False``)."""
     from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import build_domain_xml
 
-    return make_image(path, xml=build_domain_xml(record or savestate_record()), cookie=None, **kwargs)
+    return make_image(path, xml=build_domain_xml(record or savestate_record()), cookie=None, sign=sign, **kwargs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import string
@@ -101,8 +102,8 @@ def test_odd_names_round_trip(name):
     assert "/" not in domain_name  # libvirt refuses '/' in names
 
 
-xml_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40)
-os_bytes_text = st.binary(max_size=20).map(os.fsdecode)  # what /proc/PID/cmdline gives for non-UTF-8 bytes
+xml_text = st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"), max_size=40)
+os_bytes_text = st.binary(max_size=20).filter(lambda b: b"\0" not in b).map(os.fsdecode)  # what /proc/PID/cmdline gives for non-UTF-8 bytes
 args = st.one_of(xml_text, os_bytes_text, st.sampled_from(["", " ", "\n", "\r\n", "\t", "a,,b"]))
 paths = st.one_of(xml_text.filter(bool), os_bytes_text.filter(bool), st.just(ODD_PATH))
 disks = st.builds(DiskRecord, path=paths, format=st.sampled_from(["raw", "qcow2", None]),
@@ -132,6 +133,29 @@ def test_any_record_round_trips(guest):
 def test_argv_round_trips_exactly(argv):
     guest = record(argv=tuple(argv))
     assert parse_domain_xml(build_domain_xml(guest)).argv == tuple(argv)
+
+
+def test_nul_bytes_are_refused_when_written_and_when_read():
+    """A NUL cuts an argument short where the kernel reads it: QEMU would run something no check saw."""
+    with pytest.raises(DomainXMLError, match="NUL byte"):
+        build_domain_xml(record(argv=("/bin/qemu", "-name", "a\0b")))
+    xml = build_domain_xml(record(argv=("/bin/qemu", "\x01")))
+    forged = xml.replace(base64.b64encode(b"\x01").decode(), base64.b64encode(b"-S\0x").decode())
+    assert forged != xml
+    with pytest.raises(DomainXMLError, match="holds a NUL byte"):
+        parse_domain_xml(forged)
+
+
+def test_credentials_round_trip_and_show_in_metadata():
+    guest = record(argv=("/bin/qemu",))
+    guest = type(guest)(**{**guest.__dict__, "owner_uid": 1000, "owner_gid": 100, "owner_groups": (100, 27),
+                           "owner_user": "alice"})
+    xml = build_domain_xml(guest)
+    assert 'uid="1000"' in xml and 'groups="100,27"' in xml and 'user="alice"' in xml
+    parsed = parse_domain_xml(xml)
+    assert parsed == guest
+    assert parsed.metadata()["credentials"] == {"uid": 1000, "gid": 100, "groups": [100, 27], "user": "alice"}
+    assert parse_domain_xml(build_domain_xml(record())).metadata()["credentials"] is None
 
 
 def test_text_xml_cannot_hold_is_stored_as_base64():

@@ -588,14 +588,16 @@ def test_damaged_journal_keeps_the_image_suspect_and_is_discarded(tmp_path):
 
 
 def test_journal_of_a_replaced_image_is_stale(tmp_path):
-    path = make_image(tmp_path / "x.save")
+    """Journals are keyed by device and inode; a journal whose file changed size since is stale."""
+    path = make_image(tmp_path / "x.save", was_running=False)
+    original = path.read_bytes()
     fd = os.open(path, os.O_RDWR)
     try:
-        _image._write_journal(str(path), fd, b"\0" * 200)
+        _image._write_journal(str(path), fd, original[:92 + SaveHeader.unpack(original[:92]).data_len])
     finally:
         os.close(fd)
-    make_image(tmp_path / "new.save", was_running=False)
-    os.replace(tmp_path / "new.save", path)  # a new save took the name
+    with open(path, "ab") as grow:
+        grow.write(b"more stream")  # not the file the journal was written for any more
     assert not read_image(str(path)).was_running  # the stale journal does not block readers
     assert recover_interrupted_rewrite(str(path))
     assert not os.path.exists(journal_path(str(path)))

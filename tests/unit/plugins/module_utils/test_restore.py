@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import DiskRecord, GuestRecord
-from ansible_collections.savestate.qemu.plugins.module_utils._errors import ImageError, PreconditionError
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
 from ansible_collections.savestate.qemu.plugins.module_utils._restore import (
     check_emulator,
-    check_image_trust,
     disk_changes,
     launch_directory,
     restore_argv,
@@ -95,74 +94,7 @@ def test_restore_argv_keeps_everything_else_exactly():
     assert restore_argv(record(*args), QEMU, None)[1:len(args) + 1] == list(args)
 
 
-# --- check_image_trust ----------------------------------------------------------------------
-
-@pytest.fixture
-def image(tmp_path: Path) -> Path:
-    directory = tmp_path / "images"
-    directory.mkdir(mode=0o755)
-    path = directory / "guest.save"
-    path.write_bytes(b"image")
-    path.chmod(0o600)
-    return path
-
-
-def test_a_private_image_is_trusted(image):
-    check_image_trust(str(image))
-    image.chmod(0o644)  # readable by others is fine; writable is not
-    check_image_trust(str(image))
-
-
-@pytest.mark.parametrize("mode, problem", [(0o620, "is writable by group"), (0o602, "is writable by every user"),
-                                           (0o666, "is writable by every user")])
-def test_a_writable_image_is_refused(image, mode, problem):
-    image.chmod(mode)
-    with pytest.raises(PreconditionError, match=f"the image {problem}.*chmod go-w"):
-        check_image_trust(str(image))
-
-
-def test_the_owner_may_write_the_image(image):
-    """The image's owner could have written it anyway: the owner is trusted, with root."""
-    os.chown(image, OTHER_UID, -1)
-    os.chown(image.parent, OTHER_UID, -1)
-    check_image_trust(str(image))
-
-
-def test_a_directory_of_someone_else_is_refused(image):
-    os.chown(image.parent, OTHER_UID, -1)
-    with pytest.raises(PreconditionError, match=f"the directory {image.parent} is owned by uid {OTHER_UID}"):
-        check_image_trust(str(image))
-
-
-@pytest.mark.parametrize("mode, problem", [(0o777, "is writable by every user"), (0o775, "is writable by group")])
-def test_a_directory_others_can_write_is_refused(image, mode, problem):
-    image.parent.chmod(mode)
-    with pytest.raises(PreconditionError, match=f"the directory {image.parent} {problem}.*could replace"):
-        check_image_trust(str(image))
-
-
-def test_a_sticky_shared_directory_is_fine(image):
-    image.parent.chmod(0o1777)
-    check_image_trust(str(image))
-
-
-def test_a_link_in_an_open_directory_is_refused(image, tmp_path):
-    """Whoever can write the directory of the link can point it at another image."""
-    shared = tmp_path / "shared"
-    shared.mkdir()
-    shared.chmod(0o777)
-    (shared / "link.save").symlink_to(image)
-    with pytest.raises(PreconditionError, match=f"the directory {shared} is writable by every user"):
-        check_image_trust(str(shared / "link.save"))
-    (tmp_path / "private-link.save").symlink_to(image)
-    check_image_trust(str(tmp_path / "private-link.save"))
-
-
-def test_not_an_image_file(tmp_path):
-    with pytest.raises(ImageError, match="cannot open the save image: No such file"):
-        check_image_trust(str(tmp_path / "missing.save"))
-    with pytest.raises(ImageError, match="is not a regular file"):
-        check_image_trust(str(tmp_path))
+# The image trust checks (open_image, the MAC) are tested in test_image_auth.py.
 
 
 # --- check_emulator -------------------------------------------------------------------------

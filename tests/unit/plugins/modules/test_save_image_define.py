@@ -79,12 +79,13 @@ def test_libvirt_image_full_xml_replacement(tmp_path):
     path = write_libvirt_fixture(tmp_path)
     before = read_image(str(path))
     xml = before.xml.replace("<on_crash>destroy</on_crash>", "<on_crash>restart</on_crash>")
-    result = _define(path, xml=xml, restore_state="paused")
-    assert result["changed"] and result["xml"] == xml
+    assert "not authenticated (no MAC" in _refused(path, xml=xml)
+    result = _define(path, xml=xml, restore_state="paused", allow_unauthenticated=True)
+    assert result["changed"] and result["xml"] == xml and result["authenticated"] is False
     assert result["image"]["origin"] == "libvirt" and result["image"]["was_running"] is False
     after = read_image(str(path))
     assert after.xml == xml and after.cookie == before.cookie and after.header.data_len == before.header.data_len
-    assert not _define(path, xml=xml, restore_state="paused")["changed"]
+    assert not _define(path, xml=xml, restore_state="paused", allow_unauthenticated=True)["changed"]
 
 
 def _refused(path, **args):
@@ -156,4 +157,5 @@ def test_rollback_then_edit_in_one_run(tmp_path):
     _interrupted_edit(path)
     result = _define(path, restore_state="paused")
     assert result["changed"] and result["recovered"] and result["image"]["was_running"] is False
-    assert read_image(str(path)).xml == build_domain_xml(savestate_record())
+    assert parse_domain_xml(read_image(str(path)).xml) == savestate_record()
+    assert result["authenticated"] is True
