@@ -38,6 +38,7 @@ def test_our_image_with_metadata(tmp_path):
     assert result["origin"] == "savestate" and result["cookie"] is None
     assert result["metadata"]["argv"] == list(savestate_record().argv)
     assert result["metadata"]["disks"][0]["path"] == "/var/lib/images/web01.qcow2"
+    assert result["authenticated"] is True and result["authentication_problem"] is None
     assert result["metadata"]["qemu_version"] == "10.0.2"
 
 
@@ -94,3 +95,15 @@ def test_unreadable_images_fail_with_the_readers_message(tmp_path, kind, message
     assert "Traceback" not in result["_stdout"] + result["_stderr"]
     if kind == "journal":
         assert os.path.exists(journal_path(str(path)))  # reading never repairs
+
+
+def test_authentication_is_reported_not_required(tmp_path):
+    """Unauthenticated images are read all the same; the problem says why (restore would refuse them)."""
+    libvirt = run_module("save_image_info", {"path": str(write_libvirt_fixture(tmp_path))})
+    assert not libvirt["failed"] and libvirt["authenticated"] is False
+    assert libvirt["authentication_problem"] == "no MAC (libvirt's image or saved before signing)"
+    shared = make_savestate_image(tmp_path / "shared.save")
+    shared.chmod(0o666)
+    result = run_module("save_image_info", {"path": str(shared)})
+    assert not result["failed"] and result["authenticated"] is False
+    assert result["authentication_problem"].startswith("the file is not protected: it is writable by group or others")
