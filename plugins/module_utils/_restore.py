@@ -63,7 +63,14 @@ from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
     parse_argv,
     split_option_string,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._runtime import GuestLock, guest_key, runtime_dir
+from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
+    GuestLock,
+    claim_qemu_log,
+    create_qemu_log,
+    guest_key,
+    remove_qemu_log,
+    runtime_dir,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._stream import (
     Features,
     MigrationSettings,
@@ -310,18 +317,19 @@ class LaunchedQemu:
     (why it refused to start, why it rejected the stream) can be quoted on failure.
     """
 
-    def __init__(self, argv: list[str], log_path: str, cwd: str) -> None:
+    def __init__(self, argv: list[str], key: str, cwd: str) -> None:
         self.argv = argv
-        self.log_path = log_path
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        self.log_path, log_fd = create_qemu_log(key)
         try:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                                             cwd=cwd, close_fds=True, start_new_session=True)
         except OSError as error:
-            os.unlink(log_path)
+            remove_qemu_log(self.log_path)
             raise PreconditionError(f"cannot start {argv[0]}: {error.strerror}") from None
         finally:
             os.close(log_fd)
+        # Named after its pid: the next run removes it once this QEMU is gone.
+        self.log_path = claim_qemu_log(self.log_path, self.process.pid)
 
     @property
     def pid(self) -> int:
@@ -544,8 +552,7 @@ class GuestRestorer:
         cwd, warning = launch_directory(self.record.cwd)
         if warning:
             self.warnings.append(warning)
-        qemu = LaunchedQemu(restore_argv(self.record, emulator, private_monitor),
-                            os.path.join(runtime_dir(), f"{key}.log"), cwd)
+        qemu = LaunchedQemu(restore_argv(self.record, emulator, private_monitor), key, cwd)
         try:
             stats, state = self._load(qemu, monitor_path or private_monitor)
         except BaseException:
