@@ -117,6 +117,11 @@ def _why_not_a_directory(path: str, error: OSError) -> str:
     return f"cannot be opened ({error.strerror})"
 
 
+def _ours(info: os.stat_result) -> bool:
+    """A regular file of ours with no other name (0 names: removed since we opened it, which is fine)."""
+    return stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and info.st_nlink <= 1
+
+
 def _checked_name(name: str) -> str:
     if not FILE_NAME.fullmatch(name):
         raise PreconditionError(f"refusing the runtime file name {name!r}: not a plain file name")
@@ -163,12 +168,17 @@ class RuntimeDir:
             if error.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.ENOTDIR):
                 raise UnsafeEntryError(f"{self.join(name)} is not a regular file ({error.strerror})") from None
             raise PreconditionError(f"cannot open {self.join(name)}: {error.strerror}") from None
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1:
+        if not _ours(os.fstat(fd)):
             os.close(fd)
             raise UnsafeEntryError(f"{self.join(name)} is not a regular file of uid {os.geteuid()} "
                                    "with a single name")
         return fd
+
+    def remove_unsafe(self, name: str) -> None:
+        """Remove what sits at ``name`` unless it is a regular file of ours (someone's lock, say)."""
+        info = self.lstat(name)
+        if info is not None and not _ours(info):
+            self.unlink(name)
 
     def lstat(self, name: str) -> Optional[os.stat_result]:
         try:
@@ -340,7 +350,7 @@ class GuestLock:
         try:
             return directory.open(self.name, flags)
         except UnsafeEntryError:
-            directory.unlink(self.name)  # no lock of ours (a symlink, a FIFO): remove it, never follow it
+            directory.remove_unsafe(self.name)  # no lock of ours (a symlink, a FIFO): remove it, never follow it
             return directory.open(self.name, flags)
 
     def release(self) -> None:
@@ -467,7 +477,7 @@ def create_qemu_log(key: str) -> tuple[str, int]:
     Call with the guest's lock held; once QEMU runs, :func:`claim_qemu_log` names
     its pid in the file name. What earlier runs left behind is removed first.
     """
-    remove_stale_files()
+    remove_stale_files(held_key=key)
     name = _checked_name(key + STARTING_LOG_SUFFIX)
     with RuntimeDir() as directory:
         directory.unlink(name)
@@ -603,19 +613,21 @@ class _Sweep:
             self._bound = _bound_unix_paths()
         return path in self._bound or _socket_listens(path)
 
-    def clean_guest(self, key: str, entries: list[_Entry]) -> None:
+    def clean_guest(self, key: str, entries: list[_Entry], held: bool) -> None:
+        """Remove the guest's stale files; ``held``: the caller holds its lock (else we try to take it)."""
         # Logs and sockets of live QEMUs are the usual entries: only take the lock for a reason.
         if all(entry.kind in ("log", "socket") and self.in_use(entry) for entry in entries):
             return
-        lock = _try_lock(key)
-        if lock is None:
+        lock = None if held else _try_lock(key)
+        if lock is None and not held:
             return  # a run is using this guest's files right now
         try:
             for entry in entries:
                 if self.stale(entry):
                     self.directory.unlink(entry.name)
         finally:
-            lock.release()  # which removes the lock file too
+            if lock is not None:
+                lock.release()  # which removes the lock file too
 
     def clean_temp(self, name: str) -> None:
         match = TEMP_FILE.fullmatch(name)
@@ -623,13 +635,15 @@ class _Sweep:
             self.directory.unlink(name)
 
 
-def remove_stale_files() -> None:
+def remove_stale_files(held_key: Optional[str] = None) -> None:
     """Remove what no run and no QEMU needs any more.
 
     Logs of QEMUs that are gone, private monitor sockets nothing listens on,
     journals of guests that are gone, locks and temporary files of killed runs.
     A guest's files are removed under its lock, taken without waiting: what a run
-    in progress uses is never touched. Failures are ignored: the next run tries again.
+    in progress uses is never touched. The caller may hold one guest's lock
+    (``held_key``): that guest's files are cleaned too. Failures are ignored: the
+    next run tries again.
     """
     try:
         with RuntimeDir() as directory:
@@ -645,7 +659,7 @@ def remove_stale_files() -> None:
                     sweep.clean_temp(name)
             for key, entries in guests.items():
                 try:
-                    sweep.clean_guest(key, entries)
+                    sweep.clean_guest(key, entries, held=key == held_key)
                 except (OSError, PreconditionError):
                     pass
     except (OSError, PreconditionError):

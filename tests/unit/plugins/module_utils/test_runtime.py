@@ -345,6 +345,14 @@ def test_cleanup_keeps_what_a_run_in_progress_uses(private_runtime_dir: Path) ->
     assert files(private_runtime_dir) == []
 
 
+def test_a_restore_cleans_up_after_the_earlier_qemu_of_its_own_guest(private_runtime_dir: Path) -> None:
+    with GuestLock(UUID, 1, "restore"):
+        (private_runtime_dir / f"{UUID}.qemu-999999.log").write_text("")  # that QEMU was killed
+        path, fd = create_qemu_log(UUID)
+        os.close(fd)
+        assert files(private_runtime_dir) == sorted([f"{UUID}.lock", os.path.basename(path)])
+
+
 def test_cleanup_removes_sockets_nothing_listens_on(private_runtime_dir: Path) -> None:
     _runtime.runtime_dir()
     live = socket.socket(socket.AF_UNIX)
