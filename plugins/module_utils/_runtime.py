@@ -194,11 +194,14 @@ class RuntimeDir:
     def unlink(self, name: str) -> None:
         """Remove an entry (a symlink itself, never what it points to); absent is fine."""
         try:
-            os.unlink(_checked_name(name), dir_fd=self.fd)
+            try:
+                os.unlink(_checked_name(name), dir_fd=self.fd)
+            except IsADirectoryError:
+                os.rmdir(name, dir_fd=self.fd)
         except FileNotFoundError:
             pass
-        except IsADirectoryError:
-            os.rmdir(name, dir_fd=self.fd)
+        except OSError as error:
+            raise PreconditionError(f"cannot remove {self.join(name)}: {error.strerror}") from None
 
     def replace(self, source: str, target: str) -> None:
         os.replace(_checked_name(source), _checked_name(target), src_dir_fd=self.fd, dst_dir_fd=self.fd)
@@ -230,12 +233,15 @@ class RuntimeDir:
             while view:
                 view = view[os.write(fd, view):]
             os.fsync(fd)
-        except BaseException:
             os.close(fd)
-            self.unlink(temp)
-            raise
-        os.close(fd)
-        self.replace(temp, name)
+            fd = -1
+            self.replace(temp, name)
+        except OSError as error:
+            raise PreconditionError(f"cannot write {self.join(name)}: {error.strerror}") from None
+        finally:
+            if fd >= 0:
+                os.close(fd)
+            self.unlink(temp)  # gone after the rename; left only by a failure
 
 
 def runtime_dir() -> str:
@@ -325,8 +331,11 @@ class GuestLock:
         except BaseException:
             directory.close()
             raise
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{self.holder}, pid {os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{self.holder}, pid {os.getpid()}\n".encode(), 0)
+        except OSError:
+            pass  # who holds the lock is only told to a run that gives up waiting
         self._dir, self._fd = directory, fd
 
     def _lock(self, directory: RuntimeDir, deadline: float) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,7 +85,7 @@ def test_the_table_is_what_the_generator_makes_of_the_installed_builds() -> None
     for version, binary in BUILDS.items():
         if not binary.exists():
             pytest.skip(f"QEMU {version} is not installed at {binary}")
-    result = subprocess.run([str(ROOT / "scripts" / "generate-qemu-options"), "--check"],
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "generate-qemu-options"), "--check"],
                             capture_output=True, text=True, check=False, timeout=120)
     assert result.returncode == 0, result.stderr
 
