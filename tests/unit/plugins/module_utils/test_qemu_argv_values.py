@@ -74,8 +74,8 @@ def test_unknown_options_are_guessed(argv, expected) -> None:
 
 
 def test_double_dash_options_are_the_same_options() -> None:
-    assert parse_argv([QEMU, "--name", "-x", "--daemonize"]) == [Argument(1, "name", "-x"),
-                                                                Argument(3, "daemonize", None)]
+    expected = [Argument(1, "name", "-x"), Argument(3, "daemonize", None)]
+    assert parse_argv([QEMU, "--name", "-x", "--daemonize"]) == expected
 
 
 words = st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=12)
@@ -88,8 +88,7 @@ def test_any_command_line_of_known_options_splits_back_into_what_built_it(parts)
     argv = [QEMU]
     for name, value in parts:
         argv += ([f"-{name}"] if name is not None else []) + ([value] if value is not None else [])
-    assert [(argument.name, argument.value) for argument in parse_argv(argv)] == \
-        [(name, value) for name, value in parts]
+    assert [(argument.name, argument.value) for argument in parse_argv(argv)] == list(parts)
 
 
 # --- restore_argv ----------------------------------------------------------------------------

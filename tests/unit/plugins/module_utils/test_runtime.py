@@ -183,7 +183,7 @@ def test_locks_still_serialise_while_their_files_come_and_go(tmp_path: Path) -> 
         f"        value = int(open({str(counter)!r}).read())\n"
         "        time.sleep(0.002)\n"
         f"        open({str(counter)!r}, 'w').write(str(value + 1))\n")
-    processes = [subprocess.Popen([sys.executable, "-c", code], env=CHILD_ENV) for _ in range(workers)]
+    processes = [subprocess.Popen([sys.executable, "-c", code], env=CHILD_ENV) for _worker in range(workers)]
     assert [process.wait(120) for process in processes] == [0] * workers
     assert int(counter.read_text()) == rounds * workers
 
@@ -282,8 +282,7 @@ def test_a_journal_is_read_only_up_to_a_bound() -> None:
     assert store.load() is None
 
 
-def test_a_symlink_at_the_journal_is_neither_read_nor_written_through(private_runtime_dir: Path,
-                                                                       outside: Path) -> None:
+def test_a_symlink_at_the_journal_is_neither_read_nor_written_through(private_runtime_dir: Path, outside: Path) -> None:
     store = JournalStore("guest")
     private_runtime_dir.mkdir(mode=0o700)
     outside.write_text(json.dumps(GOOD))  # a journal that would be believed if the link were followed
