@@ -370,6 +370,8 @@ class GuestLock:
         try:
             if directory.same_file(self.name, fd):
                 directory.unlink(self.name)  # still holding the flock, see the class docstring
+        except (OSError, PreconditionError):
+            pass  # a lock file left behind is harmless, and the next restore's cleanup removes it
         finally:
             os.close(fd)  # closing drops the flock
             directory.close()
