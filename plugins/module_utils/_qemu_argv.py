@@ -17,6 +17,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Optional
+
+from ansible_collections.savestate.qemu.plugins.module_utils._qemu_options import OPTIONS
 
 OptionPairs = list[tuple[str, str]]
 
@@ -30,26 +34,73 @@ def option_name(arg: str) -> str | None:
     return None
 
 
-def iter_options(argv: Sequence[str]) -> Iterator[tuple[int, str, str]]:
-    """Yield ``(index of the value, option, value)`` for every option that takes a value.
+def takes_value(option: str) -> Optional[bool]:
+    """Whether QEMU consumes the argument after ``-option`` as its value, whatever it looks like.
 
-    Options without a value (``-S``, ``-daemonize``) are yielded with value ``""``
-    only when the next argument is another option; QEMU's own table decides which
-    options take values, and we do not replicate it: callers ask for options they know.
+    From QEMU's own option tables (see _qemu_options); ``None`` for an option the
+    supported versions do not have (a newer QEMU's, or a typo QEMU would refuse).
     """
-    index = 1  # argv[0] is the binary
+    known = OPTIONS.get(option)
+    return None if known is None else known[0]
+
+
+@dataclass(frozen=True)
+class Argument:
+    """One option with its value, or one bare argument, of a QEMU command line."""
+
+    index: int              # of the option (or the bare argument) in argv
+    name: Optional[str]     # the option without its dashes; None for a bare argument (a disk image)
+    value: Optional[str]    # the option's value; None when it takes none
+
+    @property
+    def value_index(self) -> Optional[int]:
+        return None if self.name is None or self.value is None else self.index + 1
+
+    @property
+    def span(self) -> int:
+        """How many argv elements it covers."""
+        return 2 if self.value_index is not None else 1
+
+
+def _option_has_value(argv: Sequence[str], index: int, option: str) -> bool:
+    if index + 1 >= len(argv):
+        return False  # QEMU would refuse a missing value; keep the option as written
+    known = takes_value(option)
+    if known is not None:
+        return known
+    # An option QEMU 7.2 and 10.0 do not know: guess that anything not shaped like an option is its value.
+    return option_name(argv[index + 1]) is None
+
+
+def parse_argv(argv: Sequence[str]) -> list[Argument]:
+    """Split a command line (``argv[0]`` is the binary) the way QEMU does."""
+    result: list[Argument] = []
+    index = 1
     while index < len(argv):
         name = option_name(argv[index])
         if name is None:
-            index += 1
-            continue
-        has_value = index + 1 < len(argv) and option_name(argv[index + 1]) is None
-        if has_value:
-            yield index + 1, name, argv[index + 1]
-            index += 2
+            result.append(Argument(index, None, argv[index]))
+        elif _option_has_value(argv, index, name):
+            result.append(Argument(index, name, argv[index + 1]))
         else:
-            yield index, name, ""
-            index += 1
+            result.append(Argument(index, name, None))
+        index += result[-1].span
+    return result
+
+
+def iter_options(argv: Sequence[str]) -> Iterator[tuple[int, str, str]]:
+    """Yield ``(index of the value, option, value)`` for every option.
+
+    An option that takes no value (``-S``, ``-daemonize``) is yielded with its own
+    index and value ``""``; :func:`parse_argv` tells the two apart.
+    """
+    for argument in parse_argv(argv):
+        if argument.name is None:
+            continue
+        if argument.value_index is not None and argument.value is not None:
+            yield argument.value_index, argument.name, argument.value
+        else:
+            yield argument.index, argument.name, ""
 
 
 def option_values(argv: Sequence[str], option: str) -> list[str]:
@@ -58,7 +109,8 @@ def option_values(argv: Sequence[str], option: str) -> list[str]:
 
 
 def has_flag(argv: Sequence[str], option: str) -> bool:
-    return any(option_name(arg) == option for arg in argv[1:])
+    """Whether ``-option`` is on the command line as an option (not as another option's value)."""
+    return any(argument.name == option for argument in parse_argv(argv))
 
 
 def split_option_string(value: str) -> list[str]:

@@ -28,6 +28,11 @@ from typing import Optional
 from ansible_collections.savestate.qemu.plugins.module_utils._credentials import Credentials
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import option_dict, option_name
+from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
+    claim_qemu_log,
+    create_qemu_log,
+    remove_qemu_log,
+)
 
 # The chardev id of the monitor a restore adds; a later restore of the same guest replaces it.
 PRIVATE_MONITOR_ID = "savestate-monitor"
@@ -114,22 +119,23 @@ class LaunchedQemu:
     rejected the stream) can be quoted on failure. ``pass_fds`` are inherited.
     """
 
-    def __init__(self, argv: list[str], log_path: str, cwd: str, credentials: Optional[Credentials] = None,
+    def __init__(self, argv: list[str], key: str, cwd: str, credentials: Optional[Credentials] = None,
                  pass_fds: Sequence[int] = ()) -> None:
         self.argv = argv
-        self.log_path = log_path
         self.credentials = credentials
-        log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        self.log_path, log_fd = create_qemu_log(key)
         try:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                                             cwd=cwd, close_fds=True, pass_fds=tuple(pass_fds),
                                             start_new_session=True, **_identity(credentials))
         except (OSError, subprocess.SubprocessError) as error:
-            os.unlink(log_path)
+            remove_qemu_log(self.log_path)
             reason = getattr(error, "strerror", None) or str(error)
             raise PreconditionError(f"cannot start {argv[0]}: {reason}") from None
         finally:
             os.close(log_fd)
+        # Named after its pid: the next run removes it once this QEMU is gone.
+        self.log_path = claim_qemu_log(self.log_path, self.process.pid)
 
     @property
     def pid(self) -> int:
@@ -171,10 +177,7 @@ class LaunchedQemu:
         self.process.wait()
 
     def remove_log(self) -> None:
-        try:
-            os.unlink(self.log_path)
-        except FileNotFoundError:
-            pass
+        remove_qemu_log(self.log_path)
 
 
 def _identity(credentials: Optional[Credentials]) -> dict[str, object]:

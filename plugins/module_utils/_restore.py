@@ -71,11 +71,15 @@ from ansible_collections.savestate.qemu.plugins.module_utils._qemu_process impor
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
     escape_option_value,
     iter_options,
-    option_name,
     option_values,
+    parse_argv,
     split_option_string,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._runtime import GuestLock, guest_key, runtime_dir
+from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
+    GuestLock,
+    guest_key,
+    runtime_dir,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._stream import (
     Features,
     MigrationSettings,
@@ -87,9 +91,10 @@ STATE_CHOICES = ("as_saved", "running", "paused")
 DISK_CHECK_CHOICES = ("strict", "warn", "ignore")
 # Options of the recorded command line that a restore must not repeat: ours replace
 # them (-S, -incoming) or they would undo the restore (-loadvm) or detach QEMU from
-# our control before the stream is in (-daemonize).
-DROPPED_FLAGS = ("S", "daemonize")
-DROPPED_WITH_VALUE = ("incoming", "loadvm")
+# our control before the stream is in (-daemonize). Each is dropped with the value
+# QEMU's option table says it takes, and only where it stands as an option.
+DROPPED_FLAGS = frozenset(("S", "daemonize"))
+DROPPED_WITH_VALUE = frozenset(("incoming", "loadvm"))
 QEMU_PROGRAM_PREFIXES = ("qemu-system-", "qemu-kvm")
 STARTUP_TIMEOUT = 60.0
 # How long a QEMU whose monitor dropped may take to exit before we stop waiting for its reason.
@@ -225,26 +230,25 @@ def _pin_machine_type(value: str, machine: str) -> str:
 
 
 def restore_argv(record: GuestRecord, emulator: str, extra_monitor: Optional[str]) -> list[str]:
-    """The recorded command line, made to wait for the incoming stream."""
+    """The recorded command line, made to wait for the incoming stream.
+
+    It is split the way QEMU splits it (which options take a value comes from
+    QEMU's own option tables), so a value is never mistaken for an option:
+    ``-name -incoming`` keeps its name, ``-append -S`` its kernel argument.
+    """
     argv = list(record.argv or ())
-    # iter_options gives a flag without a value (-daemonize, -S) its own index: count only real values
-    values = {index for index, _name, _value in iter_options(argv) if option_name(argv[index]) is None}
     result = [emulator]
-    skip_next = False
-    for index, arg in enumerate(argv[1:], start=1):
-        if skip_next:
-            skip_next = False
-            continue
-        name = option_name(arg) if index not in values else None
-        if name in DROPPED_FLAGS:
-            continue
-        if name in DROPPED_WITH_VALUE:
-            skip_next = True
-            continue
-        if index in values and option_name(argv[index - 1]) in ("machine", "M") and record.machine:
-            arg = _pin_machine_type(arg, record.machine)
-        result.append(arg)
-    if record.machine and not any(option_name(a) in ("machine", "M") for a in argv[1:]):
+    has_machine = False
+    for argument in parse_argv(argv):
+        if argument.name in DROPPED_FLAGS or argument.name in DROPPED_WITH_VALUE:
+            continue  # the option and, if it takes one, its value
+        words = argv[argument.index:argument.index + argument.span]
+        if argument.name in ("machine", "M") and argument.value is not None:
+            has_machine = True
+            if record.machine:
+                words = [words[0], _pin_machine_type(argument.value, record.machine)]
+        result += words
+    if record.machine and not has_machine:
         result += ["-machine", record.machine]
     if extra_monitor is not None:
         monitor = f"unix:{extra_monitor},server=on,wait=off"
@@ -428,7 +432,7 @@ class GuestRestorer:
         with PrivateMonitor(os.path.join(runtime, f"{key}.qmp")) as monitor_socket:
             argv = restore_argv(self._record_without_private_monitor(), emulator, None)
             qemu = LaunchedQemu(argv + monitor_socket.qemu_options(),
-                                os.path.join(runtime, f"{key}.log"), cwd, launch.credentials,
+                                key, cwd, launch.credentials,
                                 pass_fds=(monitor_socket.fd,))
         try:
             stats, state = self._load(qemu, monitor_socket.path)

@@ -27,6 +27,7 @@ The stream never passes through Python. Per route:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shlex
@@ -43,9 +44,10 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     MonitorTimeoutError,
     PreconditionError,
     QMPCommandError,
+    SaveStateError,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image import Compressor, ImageFormat
-from ansible_collections.savestate.qemu.plugins.module_utils._runtime import runtime_dir
+from ansible_collections.savestate.qemu.plugins.module_utils._runtime import read_runtime_file, write_runtime_file
 
 # QEMU's default max-bandwidth is 128 MiB/s; a save to a file must not be throttled.
 # This is the value libvirt uses for "unlimited" (INT64_MAX rounded down to MiB).
@@ -102,24 +104,26 @@ class SchemaFactsCache:
 
     The schema is QEMU's largest reply (over 100 ms to fetch and parse); what we read
     from it depends only on the binary, so it is keyed by the binary's path, size,
-    mtime and reported version, and recomputed whenever one of them changes.
+    mtime and reported version, and recomputed whenever one of them changes. Each
+    binary has one file, named by a hash of its path (never by the path itself).
     """
 
-    FILE_NAME = "qemu-schema-facts.json"
+    FILE_PREFIX = "schema-facts-"
+    MAX_BYTES = 4096
+    FACTS = ("file_transport", "exit_on_error")
 
     @classmethod
-    def _key(cls, binary: Optional[str], version: tuple[int, int, int]) -> Optional[str]:
+    def _key(cls, binary: Optional[str], version: tuple[int, int, int]) -> Optional[tuple[str, str]]:
+        """The file name for ``binary`` and what identifies this build of it."""
         if not binary:
             return None
         try:
-            info = os.stat(binary)
-        except OSError:
+            path = os.path.realpath(binary)
+            info = os.stat(path)
+        except (OSError, ValueError):
             return None
-        return f"{os.path.realpath(binary)}:{info.st_size}:{info.st_mtime_ns}:{'.'.join(map(str, version))}"
-
-    @classmethod
-    def _path(cls) -> str:
-        return os.path.join(runtime_dir(), cls.FILE_NAME)
+        digest = hashlib.sha256(os.fsencode(path)).hexdigest()[:32]
+        return f"{cls.FILE_PREFIX}{digest}.json", f"{path}:{info.st_size}:{info.st_mtime_ns}:{'.'.join(map(str, version))}"
 
     @classmethod
     def lookup(cls, binary: Optional[str], version: tuple[int, int, int]) -> Optional[dict[str, bool]]:
@@ -127,11 +131,16 @@ class SchemaFactsCache:
         if key is None:
             return None
         try:
-            with open(cls._path(), encoding="utf-8") as handle:
-                facts = json.load(handle).get(key)
-        except (OSError, ValueError, AttributeError):
+            data = read_runtime_file(key[0], cls.MAX_BYTES)
+            record = json.loads(data) if data else None
+        except (OSError, ValueError, SaveStateError):
             return None
-        return facts if isinstance(facts, dict) else None
+        if not isinstance(record, dict) or record.get("binary") != key[1]:
+            return None
+        facts = record.get("facts")
+        if not isinstance(facts, dict) or set(facts) != set(cls.FACTS):
+            return None
+        return facts if all(isinstance(value, bool) for value in facts.values()) else None
 
     @classmethod
     def store(cls, binary: Optional[str], version: tuple[int, int, int], facts: dict[str, bool]) -> None:
@@ -139,18 +148,8 @@ class SchemaFactsCache:
         if key is None:
             return
         try:
-            with open(cls._path(), encoding="utf-8") as handle:
-                known = json.load(handle)
-        except (OSError, ValueError):
-            known = {}
-        known = known if isinstance(known, dict) else {}
-        known[key] = facts
-        temp = cls._path() + f".{os.getpid()}"
-        try:
-            with open(temp, "w", encoding="utf-8") as handle:
-                json.dump(known, handle)
-            os.replace(temp, cls._path())
-        except OSError:
+            write_runtime_file(key[0], json.dumps({"binary": key[1], "facts": facts}).encode())
+        except (OSError, SaveStateError):
             pass  # a cache: failing to write it costs the next run 100 ms, nothing more
 
 
