@@ -22,6 +22,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     probe_guest,
     read_guest,
     scan_guests,
+    scan_host,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Endpoint, tcp_endpoint, unix_endpoint
 from unit.fake_qmp import FakeQMPServer
@@ -41,12 +42,16 @@ class FakeProc:
 
     def add(self, pid: int, argv: Sequence[str], comm: str | None = None, state: str = "S", ppid: int = 1,
             exe: str | None = QEMU, cwd: str | None = "/", cgroup: str = "0::/\n",
-            fds: dict[int, str] | None = None, net_unix: dict[int, str] | None = None) -> Path:
+            fds: dict[int, str] | None = None, net_unix: dict[int, str] | None = None,
+            uid: int = 0, gid: int = 0, groups: Sequence[int] = ()) -> Path:
         directory = self.root / str(pid)
         directory.mkdir()
         comm = comm if comm is not None else os.path.basename(argv[0])[:15] if argv else "kworker/0:1"
         (directory / "stat").write_text(f"{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 4194560 0 0\n")
         (directory / "comm").write_text(comm + "\n")
+        (directory / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+                                          f"Gid:\t{gid}\t{gid}\t{gid}\t{gid}\n"
+                                          f"Groups:\t{' '.join(str(g) for g in groups)}\n")
         (directory / "cmdline").write_bytes(b"".join(arg.encode() + b"\0" for arg in argv))
         (directory / "cgroup").write_text(cgroup)
         if exe is not None:
@@ -143,7 +148,11 @@ def test_unreadable_and_vanishing_entries_are_skipped(proc):
     (proc.root / "net").mkdir()
     assert no_exe.exists()
 
-    assert [g.name for g in scan_guests(str(proc.root))] == ["fine", "no-exe"]
+    scan = scan_host(str(proc.root))
+    assert [g.name for g in scan.guests] == ["fine"]
+    # Without a readable executable nothing proves it is QEMU: reported, not a guest.
+    assert [(i.pid, i.program) for i in scan.ignored] == [(104, QEMU)]
+    assert "its executable cannot be read" in scan.ignored[0].reason
     assert read_guest(999, str(proc.root)) is None  # never existed
 
 
@@ -363,8 +372,10 @@ def sock_dir() -> Iterator[Path]:
 
 
 def _guest(endpoint: Endpoint | None, **overrides) -> ActiveGuest:
-    fields = dict(pid=4711, argv=(QEMU, "-m", "256", "-machine", "pc"), exe=QEMU, name="web1", uuid=UUID_A,
-                  qmp=(endpoint,) if endpoint else (), pidfile=None, managed_by=None, libvirt_evidence=())
+    # The fake monitor runs in this process, so this process is the guest that serves it.
+    fields = dict(pid=os.getpid(), argv=(QEMU, "-m", "256", "-machine", "pc"), exe=QEMU, name="web1", uuid=UUID_A,
+                  qmp=(endpoint,) if endpoint else (), pidfile=None, managed_by=None, libvirt_evidence=(),
+                  uid=0, gid=0, groups=())
     fields.update(overrides)
     return ActiveGuest(**fields)
 
@@ -381,9 +392,10 @@ def test_probe_reads_state_machine_and_memory(sock_dir):
     assert server.commands() == ["qmp_capabilities", "query-status", "qom-get", "query-memory-size-summary"]
     assert [e["kind"] for e in probe.trace][:2] == ["greeting", "command"]
     report = guest_report(guest, probe)
-    assert report == {"name": "web1", "uuid": UUID_A, "pid": 4711, "state": "paused", "state_reason": None,
+    assert report == {"name": "web1", "uuid": UUID_A, "pid": os.getpid(), "state": "paused", "state_reason": None,
                       "qmp": server.address, "managed_by": "none", "machine": "pc-i440fx-10.0",
-                      "memory_mib": 256, "argv": [QEMU, "-m", "256", "-machine", "pc"]}
+                      "memory_mib": 256, "argv": [QEMU, "-m", "256", "-machine", "pc"],
+                      "cwd": None, "exe": QEMU, "uid": 0, "gid": 0, "groups": []}
 
 
 def test_probe_keeps_the_state_when_a_detail_is_missing(sock_dir):
