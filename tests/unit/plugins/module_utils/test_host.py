@@ -77,6 +77,20 @@ def proc(tmp_path: Path) -> FakeProc:
     return FakeProc(tmp_path / "proc")
 
 
+@pytest.fixture(scope="module")
+def emulators() -> Iterator[Path]:
+    """A root-owned directory only root can write (unlike /tmp), holding stand-in emulator files."""
+    if os.geteuid() != 0:
+        pytest.skip("trusted emulators are root-owned: run as root")
+    path = Path(tempfile.mkdtemp(prefix="ssq-emu-", dir="/run"))
+    path.chmod(0o755)
+    for name in ("qemu-kvm", "qemu-system-aarch64", "qemu-system-x86_64 (deleted)"):
+        (path / name).write_bytes(b"")
+        (path / name).chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def only_guest(proc: FakeProc) -> ActiveGuest:
     guests = scan_guests(str(proc.root))
     assert len(guests) == 1, guests
@@ -114,23 +128,26 @@ def test_guest_without_name_or_uuid(proc):
 
 # --- which processes count ---------------------------------------------------------------
 
-def test_only_live_qemu_processes(proc):
+def test_only_live_qemu_processes(proc, emulators):
     proc.qemu(100, "-name", "alive")
     proc.qemu(101, "-name", "zombie", state="Z")  # exited, not reaped: not active
     proc.qemu(102, "-name", "dead", state="X")
     proc.add(103, ["/usr/bin/python3", "-c", "pass"], exe="/usr/bin/python3.11")
     proc.add(104, [], comm="kthreadd", exe=None)  # kernel thread: empty cmdline
-    proc.add(105, ["/usr/libexec/qemu-kvm", "-name", "rhel"], exe="/usr/libexec/qemu-kvm")
-    proc.add(106, ["/opt/qemu/bin/qemu-system-aarch64", "-name", "arm"], exe="/opt/qemu/bin/qemu-system-aarch64")
+    proc.add(105, ["/usr/libexec/qemu-kvm", "-name", "rhel"], exe=str(emulators / "qemu-kvm"))
+    proc.add(106, ["/opt/qemu/bin/qemu-system-aarch64", "-name", "arm"], exe=str(emulators / "qemu-system-aarch64"))
 
     assert [(g.pid, g.name) for g in scan_guests(str(proc.root))] == [(100, "alive"), (105, "rhel"), (106, "arm")]
 
 
-def test_renamed_process_is_still_qemu(proc):
+def test_renamed_process_is_still_qemu(proc, emulators):
     # -name process=web1 renames the main thread, so comm no longer says qemu.
     proc.qemu(100, "-name", "web1,process=web1", comm="web1")
-    proc.add(101, ["qemu-system-x86_64", "-name", "bare-argv0"], comm="worker", exe="/usr/bin/qemu-system-x86_64 (deleted)")
-    assert [g.name for g in scan_guests(str(proc.root))] == ["web1", "bare-argv0"]
+    proc.add(101, ["qemu-system-x86_64", "-name", "bare-argv0"], comm="worker", exe=str(emulators / "qemu-system-x86_64 (deleted)"))
+    guests = scan_guests(str(proc.root))
+    assert [g.name for g in guests] == ["web1", "bare-argv0"]
+    # A binary replaced by an upgrade: the open inode is judged, and the path is what restore would run.
+    assert guests[1].exe == str(emulators / "qemu-system-x86_64") and "replaced" in guests[1].exe_note
     assert read_guest(101, str(proc.root)).exe == "/usr/bin/qemu-system-x86_64 (deleted)"
 
 
