@@ -28,6 +28,7 @@ so that tests can build a fake tree.
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import re
@@ -55,6 +56,9 @@ from ansible_collections.savestate.qemu.plugins.module_utils._peer import (
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import (
     GONE_STATES,
+    fs_bytes,
+    is_plain_text,
+    json_text,
     pids,
     process_comm,
     read_cgroup,
@@ -602,8 +606,13 @@ def _optional(query: Callable[[], T]) -> T | None:
 
 
 def guest_report(guest: ActiveGuest, probe: GuestProbe) -> dict[str, Any]:
-    """One entry of guest_info's ``guests``: /proc facts, completed by the probe where it answered."""
-    return {
+    """One entry of guest_info's ``guests``: /proc facts, completed by the probe where it answered.
+
+    Command lines and paths are bytes; what is not UTF-8 is shown as ``\\xNN`` in the
+    text fields, and the exact bytes are given in base64 (``argv_base64``, ``cwd_base64``).
+    """
+    exact = not all(is_plain_text(arg) for arg in guest.argv + ((guest.cwd,) if guest.cwd else ()))
+    report = {
         "name": guest.name,
         "uuid": guest.uuid,
         "pid": guest.pid,
@@ -619,4 +628,27 @@ def guest_report(guest: ActiveGuest, probe: GuestProbe) -> dict[str, Any]:
         "uid": guest.uid,
         "gid": guest.gid,
         "groups": list(guest.groups),
+        "argv_base64": [_base64(arg) for arg in guest.argv] if exact else None,
+        "cwd_base64": _base64(guest.cwd) if exact and guest.cwd is not None else None,
     }
+    return json_safe(report)
+
+
+def ignored_report(process: IgnoredProcess) -> dict[str, Any]:
+    """One entry of guest_info's ``ignored``."""
+    return json_safe(process.report())
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every string made safe for a module result (see ``_proc.json_text``)."""
+    if isinstance(value, str):
+        return json_text(value)
+    if isinstance(value, dict):
+        return {json_safe(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def _base64(text: str) -> str:
+    return base64.b64encode(fs_bytes(text)).decode("ascii")

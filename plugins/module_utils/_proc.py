@@ -213,3 +213,27 @@ def net_table(name: str, proc_root: str = PROC, pid: int | None = None) -> list[
 def _is_int(text: str) -> bool:
     digits = text[1:] if text.startswith("-") else text
     return digits.isdigit() and digits.isascii() and len(digits) < 20
+
+
+# --- bytes in results -------------------------------------------------------------------
+
+def fs_bytes(text: str) -> bytes:
+    """The exact bytes behind a string read from /proc (the inverse of ``os.fsdecode``)."""
+    try:
+        return os.fsencode(text)
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")  # a surrogate that no decode of ours produced
+
+
+def is_plain_text(text: str) -> bool:
+    """Whether JSON (and Ansible) can carry ``text`` as it is: valid UTF-8, no escaped bytes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def json_text(text: str) -> str:
+    """``text`` for a module result: bytes that are not UTF-8 shown as ``\\xNN`` (Ansible refuses them raw)."""
+    return text if is_plain_text(text) else fs_bytes(text).decode("utf-8", "backslashreplace")
