@@ -412,7 +412,8 @@ def test_probe_reads_state_machine_and_memory(sock_dir):
     assert report == {"name": "web1", "uuid": UUID_A, "pid": os.getpid(), "state": "paused", "state_reason": None,
                       "qmp": server.address, "managed_by": "none", "machine": "pc-i440fx-10.0",
                       "memory_mib": 256, "argv": [QEMU, "-m", "256", "-machine", "pc"],
-                      "cwd": None, "exe": QEMU, "uid": 0, "gid": 0, "groups": []}
+                      "cwd": None, "exe": QEMU, "uid": 0, "gid": 0, "groups": [],
+                      "argv_base64": None, "cwd_base64": None}
 
 
 def test_probe_keeps_the_state_when_a_detail_is_missing(sock_dir):
@@ -454,3 +455,132 @@ def test_probe_without_a_monitor():
     assert probe.state == "unknown"
     assert "no QMP monitor" in probe.state_reason and "-qmp stdio" in probe.state_reason
     assert guest_report(guest, probe)["qmp"] is None
+
+
+# --- trust, bounds, hostile processes ----------------------------------------------------
+
+def test_a_process_is_a_guest_only_if_it_runs_a_trusted_emulator(proc, tmp_path):
+    user_copy = tmp_path / "qemu-system-x86_64"
+    user_copy.write_bytes(b"")
+    user_copy.chmod(0o755)
+    proc.qemu(100, "-name", "real", uid=107, gid=107, groups=(36, 107))
+    proc.add(101, ["qemu-system-x86_64", "-name", "real"], exe="/usr/bin/sleep")          # exec -a disguise
+    proc.add(102, [str(user_copy), "-name", "copy"], exe=str(user_copy))                # a copy in /tmp
+    proc.add(103, ["/usr/bin/python3", "-name", "real"], exe="/usr/bin/python3")         # does not even claim
+    scan = scan_host(str(proc.root))
+    assert [(g.pid, g.uid, g.gid, g.groups) for g in scan.guests] == [(100, 107, 107, (36, 107))]
+    ignored = {i.pid: i for i in scan.ignored}
+    assert sorted(ignored) == [101, 102]
+    assert ignored[101].program == "qemu-system-x86_64"
+    assert ignored[101].reason.startswith("its executable /usr/bin/sleep is not a trusted emulator")
+    assert "writable by group or others" in ignored[102].reason
+    assert [g.pid for g in find_guests(name="real", proc_root=str(proc.root))] == [100]
+    assert check_identity("real", None, proc_root=str(proc.root)).both.pid == 100
+
+
+def test_hostile_fields_are_bounded(proc):
+    proc.qemu(100, "-name", "ports", "-qmp", "tcp:127.0.0.1:" + "9" * 5000 + ",server=on",
+              "-qmp", "tcp:127.0.0.1:0,server=on", "-qmp", "tcp:127.0.0.1:65536,server=on",
+              "-qmp", "tcp:127.0.0.1:¹,server=on", "-chardev", "socket,id=m,port=70000,server=on",
+              "-mon", "chardev=m,mode=control", "-m", "inf")
+    proc.qemu(101, "-name", "nan", "-m", "nan")
+    proc.qemu(102, "-name", "huge", "-m", "9" * 400 + "T")
+    proc.qemu(103, "-name", "bad-uuid", "-uuid", "/home/u/k")
+    proc.qemu(104, "-name", "x" * 5000)
+    proc.qemu(105, "-name", "braces", "-uuid", "{" + UUID_A + "}")
+    proc.qemu(106, "-name", "fine", "-uuid", UUID_A.upper(), "-m", "1G")
+    scan = scan_host(str(proc.root))
+    guests = {g.name: g for g in scan.guests}
+    assert sorted(guests) == ["fine", "huge", "nan", "ports"]
+    assert guests["ports"].qmp == () and len(guests["ports"].unresolved_monitors) == 5
+    assert all("no port from 1 to 65535" in note and len(note) < 200 for note in guests["ports"].unresolved_monitors)
+    assert [guests[n].memory_mib for n in ("ports", "nan", "huge", "fine")] == [None, None, None, 1024]
+    assert guests["fine"].uuid == UUID_A
+    reasons = {i.pid: i.reason for i in scan.ignored}
+    assert reasons[103] == "invalid -uuid '/home/u/k'"
+    assert reasons[104] == "its -name is longer than 1024 characters"
+    assert reasons[105].startswith("invalid -uuid")
+    # A UUID that is not one matches nothing (it is not "no filter").
+    assert find_guests(uuid="/home/u/k", proc_root=str(proc.root)) == []
+    report = guest_report(guests["ports"], probe_guest(guests["ports"]))
+    assert report["memory_mib"] is None and report["state"] == "unknown"
+
+
+@pytest.mark.parametrize("memory", ["-1", "1e400", "-inf", "1" * 40, "0x10", ""])
+def test_memory_sizes_qemu_would_refuse(memory):
+    assert parse_memory_mib(memory) is None
+
+
+def test_unreadable_details_of_one_process_do_not_end_the_scan(proc):
+    proc.qemu(100, "-name", "first")
+    hostile = proc.qemu(101, "-name", "hostile")
+    (hostile / "status").write_text("Uid:\t0\nGid:\t0\n")
+    proc.qemu(102, "-name", "last")
+    # A cgroup file that cannot be decoded as a str stands in for "any bug we did not foresee".
+    (hostile / "cgroup").unlink()
+    (hostile / "cgroup").symlink_to(hostile / "cgroup")  # ELOOP: an OSError the reader treats as empty
+    assert [g.name for g in scan_guests(str(proc.root))] == ["first", "hostile", "last"]
+
+
+def test_an_unexpected_error_skips_only_that_process(proc, monkeypatch):
+    import ansible_collections.savestate.qemu.plugins.module_utils._host as host
+
+    proc.qemu(100, "-name", "first")
+    proc.qemu(101, "-name", "boom")
+    proc.qemu(102, "-name", "last")
+    real = host.libvirt_evidence
+
+    def fragile(argv, parent_comm, cgroup):  # stands in for a parser bug a hostile argv could trigger
+        if "boom" in argv:
+            raise OverflowError("cannot convert float infinity to integer")
+        return real(argv, parent_comm, cgroup)
+
+    monkeypatch.setattr(host, "libvirt_evidence", fragile)
+    scan = scan_host(str(proc.root))
+    assert [g.name for g in scan.guests] == ["first", "last"]
+    assert [(i.pid, i.reason) for i in scan.ignored] == [
+        (101, "reading it failed unexpectedly (OverflowError: cannot convert float infinity to integer)")]
+
+
+def test_non_utf8_bytes_round_trip_through_the_report(proc):
+    directory = proc.add(100, [QEMU, "-name", "web1"], cwd="/")
+    (directory / "cmdline").write_bytes(b"/usr/bin/qemu-system-x86_64\0-name\0web\xff\0")
+    (directory / "cwd").unlink()
+    (directory / "cwd").symlink_to(os.fsdecode(b"/srv/vm\xfe"))
+    guest = only_guest(proc)
+    assert guest.name == os.fsdecode(b"web\xff") and guest.cwd == os.fsdecode(b"/srv/vm\xfe")
+    report = guest_report(guest, probe_guest(guest))
+    import base64
+    import json
+    json.dumps(report).encode("utf-8")  # nothing Ansible would refuse
+    assert report["name"] == "web\\xff" and report["cwd"] == "/srv/vm\\xfe"
+    assert [base64.b64decode(arg) for arg in report["argv_base64"]] == [b"/usr/bin/qemu-system-x86_64", b"-name", b"web\xff"]
+    assert base64.b64decode(report["cwd_base64"]) == b"/srv/vm\xfe"
+
+
+def test_the_guest_serving_a_socket_is_the_one_holding_the_listener(proc, sock_dir):
+    import socket
+
+    from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
+    from ansible_collections.savestate.qemu.plugins.module_utils._host import guest_serving
+
+    path = str(sock_dir / "qmp.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    inode = os.fstat(listener.fileno()).st_ino
+    try:
+        # The impostor (lower pid) names the socket; the owner holds it.
+        proc.qemu(100, "-name", "impostor", "-qmp", f"unix:{path},server=on")
+        proc.qemu(200, "-name", "owner", "-qmp", "unix:/elsewhere.sock,server=on", fds={5: f"socket:[{inode}]"})
+        assert guest_by_endpoint(path, proc_root=str(proc.root)).pid == 100  # what a command line says
+        assert guest_serving(path, proc_root=str(proc.root)).pid == 200     # who holds the socket
+        # The listener held by a process that is not a guest: refused, both named.
+        (proc.root / "200" / "exe").unlink()
+        (proc.root / "200" / "exe").symlink_to("/usr/bin/sleep")
+        with pytest.raises(PreconditionError) as refused:
+            guest_serving(path, proc_root=str(proc.root))
+        assert "served by pid 200" in str(refused.value) and "(pid 100" in str(refused.value)
+        assert guest_serving(str(sock_dir / "nothing.sock"), proc_root=str(proc.root)) is None
+    finally:
+        listener.close()
