@@ -185,7 +185,8 @@ def verify_peer(sock: socket.socket, endpoint: Any, expected_pid: int, deadline:
             raise MonitorPeerError(f"Cannot tell which process serves the QMP socket {endpoint} (no SO_PEERCRED); "
                                    f"refusing to talk to it as the guest's QEMU pid {expected_pid}.")
         if credentials[0] != expected_pid:
-            raise _mismatch(endpoint, f"pid {credentials[0]} (uid {credentials[1]})", expected_pid)
+            pid, uid = credentials[0], credentials[1]
+            raise _mismatch(endpoint, f"pid {pid} ({process_comm(pid, proc_root)}, uid {uid})", expected_pid)
         return
     while True:
         inode = tcp_server_inode(sock, proc_root)
