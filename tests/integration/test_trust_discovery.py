@@ -42,14 +42,24 @@ listener.listen(8)
 print("ready", flush=True)
 def serve(conn):
     conn.sendall(b'{"QMP": {"version": {"qemu": {"major": 10, "minor": 0, "micro": 0}, "package": ""}, "capabilities": []}}\n')
-    for line in conn.makefile("rb"):
+    decoder, pending = json.JSONDecoder(), ""
+    while True:
+        data = conn.recv(65536)
+        if not data:
+            return
         with open(log, "ab") as handle:
-            handle.write(line)
-        try:
-            msg_id = json.loads(line).get("id")
-        except ValueError:
-            msg_id = None
-        conn.sendall(json.dumps({"return": {}, "id": msg_id}).encode() + b"\n")  # "{}" to everything
+            handle.write(data)
+        pending += data.decode(errors="replace")
+        while pending.strip():  # clients send one JSON object after another, not lines
+            try:
+                request, end = decoder.raw_decode(pending.lstrip())
+            except ValueError:
+                break
+            pending = pending.lstrip()[end:]
+            reply = {"return": {}}  # "{}" to everything
+            if isinstance(request, dict) and "id" in request:
+                reply["id"] = request["id"]
+            conn.sendall(json.dumps(reply).encode() + b"\n")
 while True:
     conn, _ = listener.accept()
     try:
