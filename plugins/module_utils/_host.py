@@ -89,6 +89,7 @@ _TRUE = frozenset(("", "on", "yes", "true", "y"))
 _WILDCARD_HOSTS = frozenset(("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost"))
 _SIZE_SUFFIXES = {"b": 1 / (1 << 20), "k": 1 / 1024, "m": 1, "g": 1 << 10, "t": 1 << 20}
 
+
 @dataclass(frozen=True)
 class ActiveGuest:
     """One running QEMU process, as its command line and /proc describe it."""
