@@ -353,6 +353,9 @@ class Monitor:
             try:
                 # Before the greeting: nothing is read from, or sent to, an impostor.
                 verify_peer(sock, self.endpoint, self.peer_pid, deadline)
+            except MonitorBusyError:
+                sock.close()  # TCP: never accepted, so another client holds the monitor; say which
+                raise self._busy_error(own_inode) from None
             except BaseException:
                 sock.close()
                 raise
