@@ -51,6 +51,10 @@ class MonitorBusyError(MonitorError):
     """The QMP socket accepts connections but serves another client."""
 
 
+class MonitorPeerError(MonitorError):
+    """The process serving a QMP socket is not the guest's QEMU: we refuse to talk to it."""
+
+
 class MonitorTimeoutError(MonitorError):
     """A QMP command or an awaited event did not come back in time."""
 

@@ -7,10 +7,18 @@
 
 """The QEMU guests active on this host, read from /proc without talking to them.
 
-A guest is a live ``qemu-system-*`` or ``qemu-kvm`` process. Its command line
-tells us its name, UUID, pidfile and where its QMP monitors listen; a few
-libvirt-specific traces tell us whether libvirt manages it. Nothing here needs
-QMP, so a guest whose monitor is busy is still found.
+A guest is a live process whose executable (/proc/PID/exe) is a trusted emulator
+(see _emulator: a root-owned ``qemu-system-*``/``qemu-kvm`` in directories only root
+can write). What a process calls itself (argv[0], comm) proves nothing: any user can
+``exec -a qemu-system-x86_64``. Its command line tells us its name, UUID, pidfile and
+where its QMP monitors listen; /proc/PID/status its real uid, gid and groups; a few
+libvirt-specific traces whether libvirt manages it. Nothing here needs QMP, so a
+guest whose monitor is busy is still found.
+
+Command lines are written by whoever started the process, so every field is parsed
+defensively and bounded (ports, sizes, UUIDs, names). A process that looks like QEMU
+but fails a check is not a guest: it is reported as ignored, with the reason, and
+never makes discovery fail for the others.
 
 /proc changes under our feet: a process can exit between two reads, and some
 entries are unreadable to unprivileged users. Every such case means "skip this
@@ -20,12 +28,17 @@ so that tests can build a fake tree.
 
 from __future__ import annotations
 
+import base64
+import math
 import os
+import re
+import uuid as uuidlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from ansible_collections.savestate.qemu.plugins.module_utils._errors import MonitorError
+from ansible_collections.savestate.qemu.plugins.module_utils._emulator import process_emulator
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import MonitorError, PreconditionError
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
     HAS_QEMU_QMP,
     QEMU_QMP_REQUIREMENT,
@@ -35,6 +48,26 @@ from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
     tcp_endpoint,
     unix_endpoint,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._peer import (
+    describe_process,
+    holders,
+    tcp_listener_inodes,
+    unix_listener_inodes,
+)
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import (
+    GONE_STATES,
+    fs_bytes,
+    is_plain_text,
+    json_text,
+    pids,
+    process_comm,
+    read_cgroup,
+    read_cmdline,
+    read_cwd,
+    read_link,
+    read_stat,
+    read_status,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
     option_dict,
     option_values,
@@ -42,17 +75,16 @@ from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._sockets import (
     LIBVIRT_COMMS,
-    pids,
-    process_comm,
-    read_text,
     unix_path_of_fd,
 )
 
 T = TypeVar("T")
 MIB = 1 << 20
 QEMU_PROGRAM_PREFIXES = ("qemu-system-", "qemu-kvm")
-# States of a process that no longer runs: zombie (exited, not reaped) and dead.
-_GONE_STATES = frozenset("ZXx")
+MAX_NAME = 1024          # characters of -name we accept (QEMU sets none; file names and logs need one)
+MAX_MEMORY_MIB = 1 << 40  # 1 EiB: anything larger in -m is not a size QEMU could have started with
+_PROGRAM_CHARS = 256     # of argv[0] quoted in an ignored-process report
+_UUID_FORM = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 _TRUE = frozenset(("", "on", "yes", "true", "y"))
 _WILDCARD_HOSTS = frozenset(("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost"))
 _SIZE_SUFFIXES = {"b": 1 / (1 << 20), "k": 1 / 1024, "m": 1, "g": 1 << 10, "t": 1 << 20}
@@ -64,14 +96,20 @@ class ActiveGuest:
 
     pid: int
     argv: tuple[str, ...]
-    exe: str | None
+    exe: str | None                      # the trusted emulator's real path (what a restore runs)
     name: str | None
     uuid: str | None
     qmp: tuple[Endpoint, ...]            # control monitors we could connect to
     pidfile: str | None
     managed_by: str | None               # 'libvirt' or None
     libvirt_evidence: tuple[str, ...]    # why we think libvirt manages it
+    uid: int                             # real uid, gid and supplementary groups of the QEMU process
+    gid: int
+    groups: tuple[int, ...]
     unresolved_monitors: tuple[str, ...] = ()  # control monitors whose address we could not work out
+    start_time: int | None = None        # clock ticks after boot (/proc/PID/stat): tells a reused pid apart
+    cwd: str | None = None               # QEMU's working directory (relative paths resolve from it)
+    exe_note: str | None = None          # e.g. the binary was replaced since QEMU started
 
     @property
     def endpoint(self) -> Endpoint | None:
@@ -102,6 +140,30 @@ class ActiveGuest:
 
 
 @dataclass(frozen=True)
+class IgnoredProcess:
+    """A process that looks like QEMU but is not treated as a guest, and why."""
+
+    pid: int
+    program: str   # argv[0] (or comm when the command line is unreadable)
+    reason: str
+
+    def report(self) -> dict[str, Any]:
+        return {"pid": self.pid, "program": self.program, "reason": self.reason}
+
+
+@dataclass(frozen=True)
+class HostScan:
+    """What a scan of /proc found: the guests, and the QEMU look-alikes it left out."""
+
+    guests: list[ActiveGuest]
+    ignored: list[IgnoredProcess]
+
+
+class _NotAGuest(Exception):
+    """Internal: this QEMU-looking process fails a check (the message is the reason)."""
+
+
+@dataclass(frozen=True)
 class IdentityCheck:
     """Which active guests hold a name and a UUID: what restore checks before starting QEMU."""
 
@@ -126,73 +188,96 @@ class IdentityCheck:
 
 # --- scanning --------------------------------------------------------------------------
 
+def scan_host(proc_root: str = "/proc") -> HostScan:
+    """Every live guest on the host by pid, and every QEMU look-alike that is not one (with why)."""
+    guests: list[ActiveGuest] = []
+    ignored: list[IgnoredProcess] = []
+    for pid in pids(proc_root):
+        found = examine_process(pid, proc_root)
+        if isinstance(found, ActiveGuest):
+            guests.append(found)
+        elif found is not None:
+            ignored.append(found)
+    return HostScan(guests=guests, ignored=ignored)
+
+
 def scan_guests(proc_root: str = "/proc") -> list[ActiveGuest]:
-    """Every live QEMU process on the host, by pid."""
-    guests = (read_guest(pid, proc_root) for pid in pids(proc_root))
-    return [guest for guest in guests if guest is not None]
+    """Every live guest on the host, by pid."""
+    return scan_host(proc_root).guests
 
 
 def read_guest(pid: int, proc_root: str = "/proc") -> ActiveGuest | None:
-    """The guest behind ``pid``, or None if it is not a live QEMU (or vanished while we read)."""
-    stat = _parse_stat(read_text(f"{proc_root}/{pid}/stat"))
-    if stat is None:
-        return None
-    comm, state, ppid = stat
-    if state in _GONE_STATES:
-        return None  # exited but not yet reaped: not an active guest
-    argv = _read_argv(f"{proc_root}/{pid}/cmdline")
-    if not argv:
-        return None
-    exe = _readlink(f"{proc_root}/{pid}/exe")
-    if not is_qemu_program(comm, argv[0], exe):
-        return None
-    cwd = _readlink(f"{proc_root}/{pid}/cwd")
+    """The guest behind ``pid``, or None if it is not a live, trusted QEMU (or vanished while we read)."""
+    found = examine_process(pid, proc_root)
+    return found if isinstance(found, ActiveGuest) else None
+
+
+def examine_process(pid: int, proc_root: str = "/proc") -> ActiveGuest | IgnoredProcess | None:
+    """A guest, an ignored QEMU look-alike (with the reason), or None (not QEMU-like, or gone).
+
+    Whatever a process put in /proc, the answer is one of these three: an unexpected
+    error while reading one process skips that process, never the scan.
+    """
+    stat = read_stat(pid, proc_root)
+    if stat is None or stat.state in GONE_STATES:
+        return None  # gone, or exited but not yet reaped: not an active guest
+    argv = read_cmdline(pid, proc_root)
+    exe_link = read_link(f"{proc_root}/{pid}/exe")
+    if not argv or not is_qemu_program(stat.comm, argv[0], exe_link):
+        return None  # a kernel thread, or a process that does not even claim to be QEMU
+    program = _bounded(argv[0])
+    try:
+        guest = _read_trusted_guest(pid, proc_root, argv, stat.ppid, stat.start_time)
+    except _NotAGuest as error:
+        return IgnoredProcess(pid, program, str(error))
+    except Exception as error:  # pylint: disable=broad-except  # one hostile process must not end the scan
+        return IgnoredProcess(pid, program, f"reading it failed unexpectedly ({type(error).__name__}: "
+                                            f"{_bounded(str(error))})")
+    after = read_stat(pid, proc_root)
+    if guest is None or after is None or after.start_time != stat.start_time or after.state in GONE_STATES:
+        return None  # it exited (or the pid was reused) while we read it
+    return guest
+
+
+def _read_trusted_guest(pid: int, proc_root: str, argv: tuple[str, ...], ppid: int,
+                        start_time: int | None) -> ActiveGuest | None:
+    exe, problem, note = process_emulator(pid, proc_root)
+    if exe is None:
+        raise _NotAGuest(problem or "its executable cannot be examined")
+    status = read_status(pid, proc_root)
+    if status is None:
+        return None  # /proc/PID/status is readable by anyone while the process lives
+    name = guest_name(argv)
+    if name is not None and len(name) > MAX_NAME:
+        raise _NotAGuest(f"its -name is longer than {MAX_NAME} characters")
+    uuid_values = option_values(argv, "uuid")
+    uuid = guest_uuid(argv)
+    if uuid_values and uuid_values[-1].strip() and uuid is None:
+        raise _NotAGuest(f"invalid -uuid {_bounded(uuid_values[-1], 80)!r}")
+    cwd = read_cwd(pid, proc_root)
     monitors, unresolved = control_monitors(argv, pid, proc_root, cwd)
-    evidence = libvirt_evidence(argv, process_comm(ppid, proc_root) if ppid else "",
-                                read_text(f"{proc_root}/{pid}/cgroup") or "")
+    evidence = libvirt_evidence(argv, process_comm(ppid, proc_root) if ppid else "", read_cgroup(pid, proc_root))
     return ActiveGuest(
-        pid=pid, argv=argv, exe=exe, name=guest_name(argv), uuid=guest_uuid(argv),
+        pid=pid, argv=argv, exe=exe, name=name, uuid=uuid,
         qmp=tuple(monitors), pidfile=_last_path_option(argv, "pidfile", cwd),
         managed_by="libvirt" if evidence else None, libvirt_evidence=tuple(evidence),
-        unresolved_monitors=tuple(unresolved))
+        uid=status.uid, gid=status.gid, groups=status.groups,
+        unresolved_monitors=tuple(unresolved), start_time=start_time, cwd=cwd, exe_note=note)
 
 
 def is_qemu_program(comm: str, argv0: str, exe: str | None) -> bool:
-    # comm is cut to 15 characters and ``-name process=`` renames it, so the program's name counts too.
+    """Whether a process CLAIMS to be QEMU (and so is worth a report when it is not a trusted one).
+
+    comm is cut to 15 characters and ``-name process=`` renames it, so the program's name counts too.
+    """
     candidates = [comm, os.path.basename(argv0)]
     if exe:
         candidates.append(os.path.basename(exe.replace(" (deleted)", "")))
     return any(candidate.startswith(QEMU_PROGRAM_PREFIXES) for candidate in candidates)
 
 
-def _parse_stat(text: str | None) -> tuple[str, str, int] | None:
-    """``(comm, state, ppid)`` from /proc/PID/stat; comm may hold spaces and parentheses."""
-    if not text or "(" not in text or ")" not in text:
-        return None
-    comm = text[text.index("(") + 1:text.rindex(")")]
-    fields = text[text.rindex(")") + 1:].split()
-    if len(fields) < 2 or not fields[1].lstrip("-").isdigit():
-        return None
-    return comm, fields[0], int(fields[1])
-
-
-def _read_argv(path: str) -> tuple[str, ...]:
-    try:
-        with open(path, "rb") as handle:
-            raw = handle.read()
-    except OSError:
-        return ()
-    parts = raw.split(b"\0")
-    if parts and parts[-1] == b"":
-        parts.pop()  # the terminating NUL; empty arguments in between are real (-append "")
-    return tuple(arg.decode("utf-8", errors="replace") for arg in parts)
-
-
-def _readlink(path: str) -> str | None:
-    try:
-        return os.readlink(path)
-    except OSError:
-        return None
+def _bounded(text: str, limit: int = _PROGRAM_CHARS) -> str:
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 # --- what the command line says ----------------------------------------------------------
@@ -206,8 +291,9 @@ def guest_name(argv: Sequence[str]) -> str | None:
 
 
 def guest_uuid(argv: Sequence[str]) -> str | None:
+    """``-uuid``, lower case; None when absent or not a UUID in QEMU's only form (8-4-4-4-12 hex digits)."""
     values = option_values(argv, "uuid")
-    return values[-1].strip().lower() if values and values[-1].strip() else None
+    return normalize_uuid(values[-1]) if values else None
 
 
 def control_monitors(argv: Sequence[str], pid: int, proc_root: str = "/proc",
@@ -290,8 +376,9 @@ def _flag(options: dict[str, str], key: str) -> bool:
 
 
 def _tcp(host: str, port: str, label: str) -> tuple[Endpoint | None, str | None]:
-    if not port.isdigit():
-        return None, f"{label} has no numeric port"
+    label = _bounded(label, 120)
+    if not (port.isdigit() and port.isascii() and len(port) <= 5 and 0 < int(port) < 65536):
+        return None, f"{label} has no port from 1 to 65535"
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     # A monitor listening on every address is reached through loopback.
     host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
@@ -313,14 +400,18 @@ def _last_path_option(argv: Sequence[str], option: str, cwd: str | None) -> str 
 def parse_memory_mib(size: str) -> int | None:
     """QEMU's ``-m`` size: a number of MiB, or a number with a k/M/G/T (or b) suffix."""
     text = size.strip()
-    if not text:
+    if not text or len(text) > 32:
         return None
     factor = _SIZE_SUFFIXES.get(text[-1].lower())
     number = text[:-1] if factor is not None else text
     try:
-        return int(float(number) * (factor if factor is not None else 1))
+        value = float(number) * (factor if factor is not None else 1)
     except ValueError:
         return None
+    # inf, nan, negative and absurd sizes come only from command lines QEMU would refuse.
+    if not math.isfinite(value) or value < 0 or value > MAX_MEMORY_MIB:
+        return None
+    return int(value)
 
 
 def libvirt_evidence(argv: Sequence[str], parent_comm: str, cgroup: str) -> list[str]:
@@ -359,13 +450,22 @@ def _guests(guests: Sequence[ActiveGuest] | None, proc_root: str) -> Sequence[Ac
 
 
 def normalize_uuid(uuid: str | None) -> str | None:
-    return uuid.strip().lower() if uuid and uuid.strip() else None
+    """A UUID in canonical lower case, or None for nothing or anything that is not a UUID."""
+    text = uuid.strip() if uuid else ""
+    if not _UUID_FORM.fullmatch(text):
+        return None
+    return str(uuidlib.UUID(text))
+
+
+def _wanted_uuid(uuid: str | None) -> str | None:
+    """The UUID a caller asks for; one that is not a UUID stays as given, so it matches no guest."""
+    return normalize_uuid(uuid) or (uuid.strip().lower() if uuid and uuid.strip() else None)
 
 
 def find_guests(name: str | None = None, uuid: str | None = None,
                 guests: Sequence[ActiveGuest] | None = None, proc_root: str = "/proc") -> list[ActiveGuest]:
     """Active guests matching every filter given (no filter: all of them)."""
-    wanted_uuid = normalize_uuid(uuid)
+    wanted_uuid = _wanted_uuid(uuid)
     return [guest for guest in _guests(guests, proc_root)
             if (name is None or guest.name == name) and (wanted_uuid is None or guest.uuid == wanted_uuid)]
 
@@ -389,6 +489,35 @@ def guest_by_endpoint(endpoint: str | Endpoint, guests: Sequence[ActiveGuest] | 
                  if any(same_endpoint(wanted, candidate) for candidate in guest.qmp)), None)
 
 
+def guest_serving(endpoint: str | Endpoint, guests: Sequence[ActiveGuest] | None = None,
+                  proc_root: str = "/proc") -> ActiveGuest | None:
+    """The guest that OWNS the socket listening at ``endpoint``; None when nothing listens there.
+
+    Naming a socket on one's command line proves nothing (anyone can); holding the
+    listening socket does. A listener that is not a trusted guest is refused, naming
+    it and the guests whose command lines name the socket.
+    """
+    wanted = parse_endpoint(endpoint)
+    if wanted.is_unix:
+        inodes = unix_listener_inodes(str(wanted.path), proc_root)
+    else:
+        inodes = tcp_listener_inodes(wanted.host, int(wanted.port or 0), proc_root)
+    if not inodes:
+        return None
+    candidates = list(_guests(guests, proc_root))
+    owners = holders(inodes, proc_root, candidates=[guest.pid for guest in candidates])
+    serving = [guest for guest in candidates if guest.pid in owners]
+    if serving:
+        return serving[0]
+    if not owners:
+        return None  # the socket belongs to no process we can see (being torn down)
+    naming = [guest.describe() for guest in candidates if any(same_endpoint(wanted, qmp) for qmp in guest.qmp)]
+    also = f"; the command line of {', '.join(naming)} names it" if naming else ""
+    raise PreconditionError(
+        f"the QMP socket {wanted} is served by {', '.join(describe_process(pid, proc_root) for pid in owners)}, "
+        f"which is not a trusted QEMU guest{also}; refusing to save through it")
+
+
 def same_endpoint(first: Endpoint, second: Endpoint) -> bool:
     """Whether two endpoints reach the same monitor (symlinks, ``..`` and loopback aliases aside)."""
     if first.kind != second.kind:
@@ -403,7 +532,7 @@ def same_endpoint(first: Endpoint, second: Endpoint) -> bool:
 def check_identity(name: str | None, uuid: str | None, guests: Sequence[ActiveGuest] | None = None,
                    proc_root: str = "/proc") -> IdentityCheck:
     """Which active guests hold ``name`` and ``uuid``, together or apart."""
-    wanted_uuid = normalize_uuid(uuid)
+    wanted_uuid = _wanted_uuid(uuid)
     both = name_only = uuid_only = None
     for guest in _guests(guests, proc_root):
         has_name = name is not None and guest.name == name
@@ -443,7 +572,8 @@ def probe_guest(guest: ActiveGuest, timeout: float = 2.0, trace: bool = False) -
     reason = _unprobed_reason(guest)
     if reason is not None:
         return GuestProbe(state="unknown", state_reason=reason)
-    monitor = Monitor(guest.endpoint, connect_timeout=timeout, command_timeout=timeout, trace=trace)
+    monitor = Monitor(guest.endpoint, connect_timeout=timeout, command_timeout=timeout, trace=trace,
+                      peer_pid=guest.pid)
     try:
         with monitor:
             state = monitor.status()
@@ -477,8 +607,13 @@ def _optional(query: Callable[[], T]) -> T | None:
 
 
 def guest_report(guest: ActiveGuest, probe: GuestProbe) -> dict[str, Any]:
-    """One entry of guest_info's ``guests``: /proc facts, completed by the probe where it answered."""
-    return {
+    """One entry of guest_info's ``guests``: /proc facts, completed by the probe where it answered.
+
+    Command lines and paths are bytes; what is not UTF-8 is shown as ``\\xNN`` in the
+    text fields, and the exact bytes are given in base64 (``argv_base64``, ``cwd_base64``).
+    """
+    exact = not all(is_plain_text(arg) for arg in guest.argv + ((guest.cwd,) if guest.cwd else ()))
+    report = {
         "name": guest.name,
         "uuid": guest.uuid,
         "pid": guest.pid,
@@ -489,4 +624,32 @@ def guest_report(guest: ActiveGuest, probe: GuestProbe) -> dict[str, Any]:
         "machine": probe.machine or guest.machine_option,
         "memory_mib": probe.memory_mib if probe.memory_mib is not None else guest.memory_mib,
         "argv": list(guest.argv),
+        "cwd": guest.cwd,
+        "exe": guest.exe,
+        "uid": guest.uid,
+        "gid": guest.gid,
+        "groups": list(guest.groups),
+        "argv_base64": [_base64(arg) for arg in guest.argv] if exact else None,
+        "cwd_base64": _base64(guest.cwd) if exact and guest.cwd is not None else None,
     }
+    return json_safe(report)
+
+
+def ignored_report(process: IgnoredProcess) -> dict[str, Any]:
+    """One entry of guest_info's ``ignored``."""
+    return json_safe(process.report())
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every string made safe for a module result (see ``_proc.json_text``)."""
+    if isinstance(value, str):
+        return json_text(value)
+    if isinstance(value, dict):
+        return {json_safe(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value
+
+
+def _base64(text: str) -> str:
+    return base64.b64encode(fs_bytes(text)).decode("ascii")

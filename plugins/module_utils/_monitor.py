@@ -54,6 +54,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     MonitorTimeoutError,
     QMPCommandError,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._peer import verify_peer
 from ansible_collections.savestate.qemu.plugins.module_utils._sockets import describe_holders
 
 try:
@@ -304,13 +305,15 @@ class Monitor:
     """One QMP session. Use as a context manager; every call is bounded by a timeout."""
 
     def __init__(self, endpoint: str | Endpoint, connect_timeout: float = 5.0,
-                 command_timeout: float = 30.0, trace: bool = False) -> None:
+                 command_timeout: float = 30.0, trace: bool = False, peer_pid: int | None = None) -> None:
         if not HAS_QEMU_QMP:
             raise MonitorError(f"The Python library {QEMU_QMP_REQUIREMENT} is required on the managed host "
                                "to talk to QEMU's monitor; install it with pip.")
         self.endpoint = parse_endpoint(endpoint)
         self.connect_timeout = float(connect_timeout)
         self.command_timeout = float(command_timeout)
+        # The guest's QEMU: the connection is refused unless this pid serves the socket.
+        self.peer_pid = peer_pid
         self._tracing = trace
         self._trace: list[dict[str, Any]] = []
         self._loop = asyncio.new_event_loop()
@@ -346,6 +349,16 @@ class Monitor:
         self._client = self._loop.run_until_complete(self._new_client())
         sock = self._open_socket(deadline)
         own_inode = os.fstat(sock.fileno()).st_ino
+        if self.peer_pid is not None:
+            try:
+                # Before the greeting: nothing is read from, or sent to, an impostor.
+                verify_peer(sock, self.endpoint, self.peer_pid, deadline)
+            except MonitorBusyError:
+                sock.close()  # TCP: never accepted, so another client holds the monitor; say which
+                raise self._busy_error(own_inode) from None
+            except BaseException:
+                sock.close()
+                raise
         try:
             self._await(self._client.connect(sock), max(deadline - time.monotonic(), 0.001))
         except asyncio.TimeoutError:
@@ -481,7 +494,11 @@ class Monitor:
         if opaque is not None:
             arguments["opaque"] = opaque
         self._send_fd(fd, "add-fd")
-        return int(self.execute("add-fd", arguments)["fdset-id"])
+        reply = self.execute("add-fd", arguments)
+        fdset = reply.get("fdset-id") if isinstance(reply, dict) else None
+        if not isinstance(fdset, int) or isinstance(fdset, bool):
+            raise self._malformed("add-fd", "no integer 'fdset-id'")
+        return fdset
 
     def remove_fdset(self, fdset_id: int) -> None:
         self.execute("remove-fd", {"fdset-id": fdset_id})
@@ -540,27 +557,29 @@ class Monitor:
 
     def status(self) -> str:
         """QEMU's run state: running, paused, postmigrate, inmigrate, prelaunch, ..."""
-        return str(self.execute("query-status")["status"])
+        return self._field("query-status", "status", str)
 
     def running(self) -> bool:
-        return bool(self.execute("query-status")["running"])
+        return self._field("query-status", "running", bool)
 
     def name(self) -> str | None:
-        return self.execute("query-name").get("name")
+        name = self._dict("query-name").get("name")
+        if name is not None and not isinstance(name, str):
+            raise self._malformed("query-name", "a 'name' that is not a string")
+        return name
 
     def uuid(self) -> str:
-        return str(self.execute("query-uuid")["UUID"])
+        return self._field("query-uuid", "UUID", str)
 
     def version(self) -> tuple[int, int, int]:
-        qemu = self.execute("query-version")["qemu"]
-        return int(qemu["major"]), int(qemu["minor"]), int(qemu["micro"])
+        return self._version_numbers(self._dict("query-version"))
 
     def version_string(self) -> str:
         """``10.0.2`` plus the distribution's package string when there is one."""
-        reply = self.execute("query-version")
-        qemu = reply["qemu"]
+        reply = self._dict("query-version")
+        major, minor, micro = self._version_numbers(reply)
         package = str(reply.get("package") or "").strip()
-        base = f"{qemu['major']}.{qemu['minor']}.{qemu['micro']}"
+        base = f"{major}.{minor}.{micro}"
         return f"{base} ({package})" if package else base
 
     def machine_type(self) -> str:
@@ -568,38 +587,93 @@ class Monitor:
 
         The QOM type of /machine is the concrete class, so aliases are already resolved.
         """
-        qom_type = str(self.execute("qom-get", {"path": "/machine", "property": "type"}))
+        qom_type = self.execute("qom-get", {"path": "/machine", "property": "type"})
+        if not isinstance(qom_type, str):
+            raise self._malformed("qom-get", "a machine type that is not a string")
         return qom_type[:-len("-machine")] if qom_type.endswith("-machine") else qom_type
 
     def memory_bytes(self) -> int:
-        return int(self.execute("query-memory-size-summary")["base-memory"])
+        return self._field("query-memory-size-summary", "base-memory", int)
 
     def vcpus(self) -> int:
-        return len(self.execute("query-cpus-fast"))
+        return len(self._list("query-cpus-fast"))
 
     def block_devices(self) -> list[BlockDevice]:
-        return [BlockDevice.from_qmp(entry) for entry in self.execute("query-block")]
+        entries = self._list("query-block")
+        if not all(isinstance(entry, dict) for entry in entries):
+            raise self._malformed("query-block", "entries that are not objects")
+        try:
+            return [BlockDevice.from_qmp(entry) for entry in entries]
+        except (AttributeError, TypeError) as error:
+            raise self._malformed("query-block", f"malformed entries ({error})") from None
 
     def migration_capabilities(self) -> set[str]:
         """Capabilities this QEMU knows (whether on or off)."""
-        return {entry["capability"] for entry in self.execute("query-migrate-capabilities")}
+        return {name for name, _state in self._capabilities()}
 
     def enabled_migration_capabilities(self) -> set[str]:
-        return {entry["capability"] for entry in self.execute("query-migrate-capabilities") if entry["state"]}
+        return {name for name, state in self._capabilities() if state}
 
     def migration_parameters(self) -> dict[str, Any]:
-        return dict(self.execute("query-migrate-parameters"))
+        return self._dict("query-migrate-parameters")
 
     def query_migrate(self) -> dict[str, Any]:
-        return dict(self.execute("query-migrate"))
+        return self._dict("query-migrate")
 
     def migration_blockers(self) -> list[str]:
         """Why an outgoing migration would be refused (QEMU >= 6.0 reports ``blocked-reasons``)."""
-        return list(self.query_migrate().get("blocked-reasons") or [])
+        reasons = self.query_migrate().get("blocked-reasons") or []
+        return [str(reason) for reason in reasons] if isinstance(reasons, list) else []
+
+    # -- validated replies -------------------------------------------------------------
+    # The peer is QEMU, but a QEMU can be buggy or compromised: a reply of the wrong
+    # shape is a MonitorError with the command's name, never a KeyError or TypeError.
+
+    def _malformed(self, command: str, what: str) -> MonitorError:
+        return MonitorError(f"The QMP peer at {self.endpoint} answered {command!r} with {what}; "
+                            "it does not behave like QEMU.")
+
+    def _dict(self, command: str) -> dict[str, Any]:
+        reply = self.execute(command)
+        if not isinstance(reply, dict):
+            raise self._malformed(command, "something that is not an object")
+        return dict(reply)
+
+    def _list(self, command: str) -> list[Any]:
+        reply = self.execute(command)
+        if not isinstance(reply, list):
+            raise self._malformed(command, "something that is not a list")
+        return reply
+
+    def _field(self, command: str, key: str, kind: type) -> Any:
+        value = self._dict(command).get(key)
+        # bool is an int in Python; a size or a count must be a real integer.
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise self._malformed(command, f"no {kind.__name__} {key!r}")
+        return value
+
+    def _version_numbers(self, reply: dict[str, Any]) -> tuple[int, int, int]:
+        qemu = reply.get("qemu")
+        numbers = [qemu.get(key) if isinstance(qemu, dict) else None for key in ("major", "minor", "micro")]
+        if not all(isinstance(number, int) and not isinstance(number, bool) for number in numbers):
+            raise self._malformed("query-version", "no numeric qemu version")
+        return numbers[0], numbers[1], numbers[2]
+
+    def _capabilities(self) -> list[tuple[str, bool]]:
+        entries = self._list("query-migrate-capabilities")
+        if not all(isinstance(e, dict) and isinstance(e.get("capability"), str) for e in entries):
+            raise self._malformed("query-migrate-capabilities", "entries without a capability name")
+        return [(entry["capability"], bool(entry.get("state"))) for entry in entries]
 
     def has_command(self, name: str) -> bool:
         entity = self._schema_index().get(name)
         return entity is not None and entity.get("meta-type") == "command"
+
+    def _schema_answer(self, question: Callable[[], bool]) -> bool:
+        try:
+            return question()
+        except (KeyError, TypeError, AttributeError, ValueError):
+            raise self._malformed("query-qmp-schema", "a schema of an unexpected shape") from None
 
     def supports_file_transport(self) -> bool:
         """Whether ``migrate`` takes ``file:`` destinations (QEMU 8.2+), read from the QAPI schema.
@@ -607,20 +681,24 @@ class Monitor:
         The schema names the channel address union's variants; a ``file`` variant is the
         file transport. QEMU 7.2 has no ``channels`` argument at all.
         """
-        channels = self._command_argument("migrate", "channels")
-        if channels is None:
-            return False
-        return "file" in self._variant_cases(self._find_member_type(channels["type"], "addr"))
+        def file_variant() -> bool:
+            channels = self._command_argument("migrate", "channels")
+            if channels is None:
+                return False
+            return "file" in self._variant_cases(self._find_member_type(channels["type"], "addr"))
+        return self._schema_answer(file_variant)
 
     def supports_incoming_exit_on_error(self) -> bool:
         """Whether ``migrate-incoming`` takes ``exit-on-error`` (QEMU 9.1+)."""
-        return self._command_argument("migrate-incoming", "exit-on-error") is not None
+        return self._schema_answer(lambda: self._command_argument("migrate-incoming", "exit-on-error") is not None)
 
     # -- schema ----------------------------------------------------------------------
 
     def _schema_index(self) -> dict[str, dict[str, Any]]:
         if self._schema is None:  # the schema is big; fetch it once per connection
-            self._schema = {entity["name"]: entity for entity in self.execute("query-qmp-schema")}
+            entities = self._list("query-qmp-schema")
+            self._schema = {entity["name"]: entity for entity in entities
+                            if isinstance(entity, dict) and isinstance(entity.get("name"), str)}
         return self._schema
 
     def _command_argument(self, command: str, argument: str) -> dict[str, Any] | None:

@@ -396,12 +396,10 @@ def _try_lock(key: str) -> Optional[GuestLock]:
 
 def process_start_time(pid: int) -> Optional[int]:
     """Clock ticks since boot at which ``pid`` started: tells a reused pid apart."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as stat:
-            fields = stat.read().rsplit(")", 1)[1].split()
-        return int(fields[19])
-    except (OSError, IndexError, ValueError):
-        return None
+    # Imported here to keep this change to the one function; _proc owns every /proc read.
+    from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_start_time as start_time
+
+    return start_time(pid)
 
 
 @dataclass

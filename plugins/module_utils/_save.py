@@ -39,6 +39,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import (
     GuestRecord,
     build_domain_xml,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._emulator import emulator_problem
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     GuestNotFoundError,
     ImageError,
@@ -51,7 +52,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
 from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     ActiveGuest,
     find_guests,
-    guest_by_endpoint,
+    guest_serving,
     scan_guests,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image import (
@@ -70,6 +71,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image_info import 
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, load_key
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_gone, read_cwd
 from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
     GuestLock,
     JournalStore,
@@ -146,7 +148,8 @@ def locate_guest(request: SaveRequest) -> Optional[ActiveGuest]:
         pointed.append(("name/uuid", {g.pid for g in found}))
         matches.update({g.pid: g for g in found})
     if request.socket is not None:
-        found_by_socket = guest_by_endpoint(request.socket, guests=guests)
+        # The guest that owns the listening socket, not whoever names it on a command line.
+        found_by_socket = guest_serving(request.socket, guests=guests)
         pointed.append(("socket", {found_by_socket.pid} if found_by_socket else set()))
         if found_by_socket is not None:
             matches[found_by_socket.pid] = found_by_socket
@@ -283,18 +286,20 @@ def fingerprint_disk(disk: DiskRecord) -> DiskRecord:
 
 
 def emulator_path(guest: ActiveGuest) -> str:
-    """The binary to run on restore: /proc's exe unless it was replaced since (upgrade)."""
-    if guest.exe and not guest.exe.endswith(" (deleted)") and os.path.exists(guest.exe):
-        return guest.exe
-    return shutil.which(guest.argv[0]) or guest.argv[0]
+    """The binary to run on restore: the trusted emulator QEMU runs, or, if it was replaced since
+    (upgrade), the trusted emulator now at that path or at argv[0]'s. Restore checks it again."""
+    candidates = [guest.exe] if guest.exe else []
+    found = shutil.which(guest.argv[0]) if guest.argv else None
+    candidates += [found] if found else []
+    for candidate in candidates:
+        if emulator_problem(candidate) is None:
+            return os.path.realpath(candidate)
+    return guest.exe or (guest.argv[0] if guest.argv else "")
 
 
 def process_cwd(pid: int) -> Optional[str]:
     """QEMU's working directory: relative paths on its command line resolve from it."""
-    try:
-        return os.readlink(f"/proc/{pid}/cwd")
-    except OSError:
-        return None
+    return read_cwd(pid)
 
 
 def build_record(monitor: Monitor, guest: ActiveGuest, name: Optional[str], uuid: str,
@@ -640,7 +645,8 @@ def save_guest(request: SaveRequest, check_mode: bool = False) -> SaveOutcome:
             return already_saved(request)
         refuse_libvirt_guest(guest)
         endpoint = monitor_endpoint(request, guest)
-        with Monitor(endpoint, trace=request.trace) as monitor:
+        # Only the guest's own QEMU may serve this socket: it is about to receive the image's fd.
+        with Monitor(endpoint, trace=request.trace, peer_pid=guest.pid) as monitor:
             name, uuid = check_identity_over_qmp(monitor, request)
             return GuestSaver(request, guest, monitor, name, uuid, endpoint).run(check_mode)
 
@@ -654,11 +660,7 @@ def _stats(duration: float, size: int) -> dict[str, Any]:
 
 def _process_gone(pid: int) -> bool:
     """Gone, or a zombie its parent has not reaped yet (it holds no resources)."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
-            return handle.read().rsplit(")", 1)[1].split()[0] in ("Z", "X")
-    except (OSError, IndexError):
-        return True
+    return process_gone(pid)
 
 
 def _helper_gone(pid: Optional[int]) -> bool:

@@ -28,6 +28,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import (
+    fd_numbers,
+    net_table,
+    pids,
+    process_comm,
+    socket_inode_of_fd,
+)
+
 LIBVIRT_COMMS = frozenset(("libvirtd", "virtqemud", "virsh", "virt-qemu-run"))
 
 # linux/sock_diag.h, linux/unix_diag.h, linux/netlink.h
@@ -69,44 +77,7 @@ class UnixSocketInfo:
     state: int
 
 
-# --- processes -------------------------------------------------------------------------
-
-def read_text(path: str) -> str | None:
-    """A /proc file's text, or None when it vanished or is unreadable."""
-    try:
-        with open(path, "rb") as handle:
-            return handle.read().decode("utf-8", errors="replace")
-    except OSError:
-        return None
-
-
-def process_comm(pid: int, proc_root: str = "/proc") -> str:
-    comm = read_text(f"{proc_root}/{pid}/comm")
-    return comm.strip() if comm else "?"
-
-
-def pids(proc_root: str = "/proc") -> list[int]:
-    try:
-        entries = os.listdir(proc_root)
-    except OSError:
-        return []
-    return sorted(int(entry) for entry in entries if entry.isdigit())
-
-
-def socket_inode_of_fd(pid: int, fd: int | str, proc_root: str = "/proc") -> int | None:
-    try:
-        target = os.readlink(f"{proc_root}/{pid}/fd/{fd}")
-    except OSError:
-        return None
-    return _socket_inode(target)
-
-
-def _socket_inode(link_target: str) -> int | None:
-    if link_target.startswith("socket:[") and link_target.endswith("]"):
-        inner = link_target[len("socket:["):-1]
-        return int(inner) if inner.isdigit() else None
-    return None
-
+# --- processes (the /proc reads themselves live in _proc) --------------------------------
 
 def socket_owners(inodes: Iterable[int], proc_root: str = "/proc") -> dict[int, list[ProcessRef]]:
     """Which processes have each socket inode open (a scan of every /proc/PID/fd)."""
@@ -115,11 +86,7 @@ def socket_owners(inodes: Iterable[int], proc_root: str = "/proc") -> dict[int, 
     if not wanted:
         return owners
     for pid in pids(proc_root):
-        fd_dir = f"{proc_root}/{pid}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:
-            continue  # gone, or not ours to read
+        fds = fd_numbers(pid, proc_root)  # empty when gone, or not ours to read
         found = {inode for inode in (socket_inode_of_fd(pid, fd, proc_root) for fd in fds) if inode in wanted}
         for inode in found:
             owners.setdefault(inode, []).append(ProcessRef(pid, process_comm(pid, proc_root)))
@@ -130,9 +97,8 @@ def socket_owners(inodes: Iterable[int], proc_root: str = "/proc") -> dict[int, 
 
 def unix_socket_table(proc_root: str = "/proc", pid: int | None = None) -> dict[int, str]:
     """Inode -> bound path of every named unix socket in /proc/[PID/]net/unix."""
-    text = read_text(f"{proc_root}/{pid}/net/unix" if pid is not None else f"{proc_root}/net/unix")
     table: dict[int, str] = {}
-    for line in (text or "").splitlines()[1:]:
+    for line in net_table("unix", proc_root, pid):
         fields = line.split(None, 7)
         if len(fields) == 8 and fields[6].isdigit():
             table[int(fields[6])] = fields[7]
@@ -203,8 +169,8 @@ def _parse_unix_diag(payload: bytes) -> UnixSocketInfo:
 def _socket_name(raw: bytes) -> str:
     """A unix socket's bound name: a path (NUL-terminated as bound), or ``@name`` when abstract."""
     if raw[:1] == b"\0":
-        return "@" + raw[1:].decode(errors="replace")
-    return raw.split(b"\0", 1)[0].decode(errors="replace")
+        return "@" + os.fsdecode(raw[1:].replace(b"\0", b""))
+    return os.fsdecode(raw.split(b"\0", 1)[0])
 
 
 def unix_client_inodes(path: str, sockets: list[UnixSocketInfo] | None = None) -> set[int]:
@@ -244,10 +210,9 @@ class TcpRow:
 def tcp_table(proc_root: str = "/proc") -> list[TcpRow]:
     rows = []
     for table in ("tcp", "tcp6"):
-        text = read_text(f"{proc_root}/net/{table}")
-        for line in (text or "").splitlines()[1:]:
+        for line in net_table(table, proc_root):
             fields = line.split()
-            if len(fields) >= 10 and fields[9].isdigit():
+            if len(fields) >= 10 and fields[9].isdigit() and len(fields[3]) <= 2 and ":" in fields[1]:
                 rows.append(TcpRow(local=fields[1], remote=fields[2], state=int(fields[3], 16), inode=int(fields[9])))
     return rows
 

@@ -17,6 +17,13 @@ description:
     M(savestate.qemu.save) and M(savestate.qemu.restore) work with.
   - Guests are found in C(/proc), from their command lines, so a guest whose monitor is busy is
     still listed. Processes that have exited but are not reaped yet are not active and are left out.
+  - A process is a guest only if the binary it runs is a trusted emulator, a root-owned
+    C(qemu-system-*) or C(qemu-kvm) that only root can write, in directories that only root can write.
+    Processes that look like QEMU but fail this or another check (an invalid C(-uuid), for example) are
+    listed in RV(ignored) with the reason, and never make the listing fail.
+  - Before querying a monitor, the module checks that the guest's own QEMU process serves the socket
+    (C(SO_PEERCRED) for unix sockets, C(/proc/net/tcp) and the process's file descriptors for TCP);
+    a monitor served by another process is not queried and the state is V(unknown).
   - For a guest with a QMP monitor it can reach, the module asks QEMU for the run state, the
     resolved machine type and the RAM size. It sends only query commands and never pauses,
     resumes or changes a guest.
@@ -162,10 +169,64 @@ guests:
       type: int
       sample: 2048
     argv:
-      description: The QEMU command line, one argument per element.
+      description:
+        - The QEMU command line, one argument per element.
+        - Bytes that are not valid UTF-8 are shown as C(\\xNN); RV(guests[].argv_base64) then holds the exact bytes.
       type: list
       elements: str
       sample: [/usr/bin/qemu-system-x86_64, -name, guest=web1, -qmp, "unix:/run/qemu/web1.qmp,server=on,wait=off"]
+    cwd:
+      description: QEMU's working directory (as RV(guests[].argv), non-UTF-8 bytes as C(\\xNN)); V(null) when unreadable.
+      type: str
+      sample: /var/lib/qemu
+    exe:
+      description: The trusted emulator binary the process runs, as a resolved path.
+      type: str
+      sample: /usr/bin/qemu-system-x86_64
+    uid:
+      description: The real user id of the QEMU process.
+      type: int
+      sample: 0
+    gid:
+      description: The real group id of the QEMU process.
+      type: int
+      sample: 0
+    groups:
+      description: The supplementary group ids of the QEMU process.
+      type: list
+      elements: int
+      sample: []
+    argv_base64:
+      description:
+        - V(null) unless an argument or the working directory is not valid UTF-8; then the exact bytes
+          of every argument, base64-encoded, in order.
+      type: list
+      elements: str
+      sample: null
+    cwd_base64:
+      description: V(null) unless RV(guests[].argv_base64) is set; then the working directory's exact bytes, base64-encoded.
+      type: str
+      sample: null
+ignored:
+  description:
+    - Processes that look like QEMU (named C(qemu-system-*) or C(qemu-kvm)) but are not guests, ordered by
+      process id, whatever the O(name) and O(uuid) filters. The other modules ignore them too.
+  returned: always
+  type: list
+  elements: dict
+  contains:
+    pid:
+      description: The process id.
+      type: int
+      sample: 5120
+    program:
+      description: Its C(argv[0]).
+      type: str
+      sample: qemu-system-x86_64
+    reason:
+      description: Why it is not a guest.
+      type: str
+      sample: "its executable /home/u/qemu-system-x86_64 is not a trusted emulator: its directory /home/u is owned by uid 1000, not root"
 qmp_trace:
   description:
     - Every QMP message exchanged with the guests' monitors, in order, secrets redacted; see O(qmp_trace).
@@ -185,7 +246,9 @@ from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     find_guests,
     guest_report,
+    ignored_report,
     probe_guest,
+    scan_host,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
     HAS_QEMU_QMP,
@@ -211,13 +274,14 @@ def main() -> None:
         # Listing still works from /proc; only the run states need the library.
         module.warn(f"{missing_required_lib(QEMU_QMP_REQUIREMENT)} Guests are listed with state 'unknown'.")
 
+    scan = scan_host()
     guests, trace = [], []
-    for guest in find_guests(name=module.params["name"], uuid=module.params["uuid"]):
+    for guest in find_guests(name=module.params["name"], uuid=module.params["uuid"], guests=scan.guests):
         probe = probe_guest(guest, timeout=timeout, trace=module.params["qmp_trace"])
         guests.append(guest_report(guest, probe))
         trace.extend(probe.trace)
 
-    result = dict(changed=False, guests=guests)
+    result = dict(changed=False, guests=guests, ignored=[ignored_report(process) for process in scan.ignored])
     if module.params["qmp_trace"]:
         result["qmp_trace"] = trace
     module.exit_json(**result)

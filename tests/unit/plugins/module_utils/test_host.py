@@ -22,6 +22,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     probe_guest,
     read_guest,
     scan_guests,
+    scan_host,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Endpoint, tcp_endpoint, unix_endpoint
 from unit.fake_qmp import FakeQMPServer
@@ -41,12 +42,16 @@ class FakeProc:
 
     def add(self, pid: int, argv: Sequence[str], comm: str | None = None, state: str = "S", ppid: int = 1,
             exe: str | None = QEMU, cwd: str | None = "/", cgroup: str = "0::/\n",
-            fds: dict[int, str] | None = None, net_unix: dict[int, str] | None = None) -> Path:
+            fds: dict[int, str] | None = None, net_unix: dict[int, str] | None = None,
+            uid: int = 0, gid: int = 0, groups: Sequence[int] = ()) -> Path:
         directory = self.root / str(pid)
         directory.mkdir()
         comm = comm if comm is not None else os.path.basename(argv[0])[:15] if argv else "kworker/0:1"
         (directory / "stat").write_text(f"{pid} ({comm}) {state} {ppid} {pid} {pid} 0 -1 4194560 0 0\n")
         (directory / "comm").write_text(comm + "\n")
+        (directory / "status").write_text(f"Name:\t{comm}\nUid:\t{uid}\t{uid}\t{uid}\t{uid}\n"
+                                          f"Gid:\t{gid}\t{gid}\t{gid}\t{gid}\n"
+                                          f"Groups:\t{' '.join(str(g) for g in groups)}\n")
         (directory / "cmdline").write_bytes(b"".join(arg.encode() + b"\0" for arg in argv))
         (directory / "cgroup").write_text(cgroup)
         if exe is not None:
@@ -70,6 +75,20 @@ class FakeProc:
 @pytest.fixture
 def proc(tmp_path: Path) -> FakeProc:
     return FakeProc(tmp_path / "proc")
+
+
+@pytest.fixture(scope="module")
+def emulators() -> Iterator[Path]:
+    """A root-owned directory only root can write (unlike /tmp), holding stand-in emulator files."""
+    if os.geteuid() != 0:
+        pytest.skip("trusted emulators are root-owned: run as root")
+    path = Path(tempfile.mkdtemp(prefix="ssq-emu-", dir="/run"))
+    path.chmod(0o755)
+    for name in ("qemu-kvm", "qemu-system-aarch64", "qemu-system-x86_64 (deleted)"):
+        (path / name).write_bytes(b"")
+        (path / name).chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def only_guest(proc: FakeProc) -> ActiveGuest:
@@ -109,24 +128,27 @@ def test_guest_without_name_or_uuid(proc):
 
 # --- which processes count ---------------------------------------------------------------
 
-def test_only_live_qemu_processes(proc):
+def test_only_live_qemu_processes(proc, emulators):
     proc.qemu(100, "-name", "alive")
     proc.qemu(101, "-name", "zombie", state="Z")  # exited, not reaped: not active
     proc.qemu(102, "-name", "dead", state="X")
     proc.add(103, ["/usr/bin/python3", "-c", "pass"], exe="/usr/bin/python3.11")
     proc.add(104, [], comm="kthreadd", exe=None)  # kernel thread: empty cmdline
-    proc.add(105, ["/usr/libexec/qemu-kvm", "-name", "rhel"], exe="/usr/libexec/qemu-kvm")
-    proc.add(106, ["/opt/qemu/bin/qemu-system-aarch64", "-name", "arm"], exe="/opt/qemu/bin/qemu-system-aarch64")
+    proc.add(105, ["/usr/libexec/qemu-kvm", "-name", "rhel"], exe=str(emulators / "qemu-kvm"))
+    proc.add(106, ["/opt/qemu/bin/qemu-system-aarch64", "-name", "arm"], exe=str(emulators / "qemu-system-aarch64"))
 
     assert [(g.pid, g.name) for g in scan_guests(str(proc.root))] == [(100, "alive"), (105, "rhel"), (106, "arm")]
 
 
-def test_renamed_process_is_still_qemu(proc):
+def test_renamed_process_is_still_qemu(proc, emulators):
     # -name process=web1 renames the main thread, so comm no longer says qemu.
     proc.qemu(100, "-name", "web1,process=web1", comm="web1")
-    proc.add(101, ["qemu-system-x86_64", "-name", "bare-argv0"], comm="worker", exe="/usr/bin/qemu-system-x86_64 (deleted)")
-    assert [g.name for g in scan_guests(str(proc.root))] == ["web1", "bare-argv0"]
-    assert read_guest(101, str(proc.root)).exe == "/usr/bin/qemu-system-x86_64 (deleted)"
+    proc.add(101, ["qemu-system-x86_64", "-name", "bare-argv0"], comm="worker",
+             exe=str(emulators / "qemu-system-x86_64 (deleted)"))
+    guests = scan_guests(str(proc.root))
+    assert [g.name for g in guests] == ["web1", "bare-argv0"]
+    # A binary replaced by an upgrade: the open inode is judged, and the path is what restore would run.
+    assert guests[1].exe == str(emulators / "qemu-system-x86_64") and "replaced" in guests[1].exe_note
 
 
 def test_unreadable_and_vanishing_entries_are_skipped(proc):
@@ -143,7 +165,11 @@ def test_unreadable_and_vanishing_entries_are_skipped(proc):
     (proc.root / "net").mkdir()
     assert no_exe.exists()
 
-    assert [g.name for g in scan_guests(str(proc.root))] == ["fine", "no-exe"]
+    scan = scan_host(str(proc.root))
+    assert [g.name for g in scan.guests] == ["fine"]
+    # Without a readable executable nothing proves it is QEMU: reported, not a guest.
+    assert [(i.pid, i.program) for i in scan.ignored] == [(104, QEMU)]
+    assert "its executable cannot be read" in scan.ignored[0].reason
     assert read_guest(999, str(proc.root)) is None  # never existed
 
 
@@ -363,8 +389,10 @@ def sock_dir() -> Iterator[Path]:
 
 
 def _guest(endpoint: Endpoint | None, **overrides) -> ActiveGuest:
-    fields = dict(pid=4711, argv=(QEMU, "-m", "256", "-machine", "pc"), exe=QEMU, name="web1", uuid=UUID_A,
-                  qmp=(endpoint,) if endpoint else (), pidfile=None, managed_by=None, libvirt_evidence=())
+    # The fake monitor runs in this process, so this process is the guest that serves it.
+    fields = dict(pid=os.getpid(), argv=(QEMU, "-m", "256", "-machine", "pc"), exe=QEMU, name="web1", uuid=UUID_A,
+                  qmp=(endpoint,) if endpoint else (), pidfile=None, managed_by=None, libvirt_evidence=(),
+                  uid=0, gid=0, groups=())
     fields.update(overrides)
     return ActiveGuest(**fields)
 
@@ -381,9 +409,11 @@ def test_probe_reads_state_machine_and_memory(sock_dir):
     assert server.commands() == ["qmp_capabilities", "query-status", "qom-get", "query-memory-size-summary"]
     assert [e["kind"] for e in probe.trace][:2] == ["greeting", "command"]
     report = guest_report(guest, probe)
-    assert report == {"name": "web1", "uuid": UUID_A, "pid": 4711, "state": "paused", "state_reason": None,
+    assert report == {"name": "web1", "uuid": UUID_A, "pid": os.getpid(), "state": "paused", "state_reason": None,
                       "qmp": server.address, "managed_by": "none", "machine": "pc-i440fx-10.0",
-                      "memory_mib": 256, "argv": [QEMU, "-m", "256", "-machine", "pc"]}
+                      "memory_mib": 256, "argv": [QEMU, "-m", "256", "-machine", "pc"],
+                      "cwd": None, "exe": QEMU, "uid": 0, "gid": 0, "groups": [],
+                      "argv_base64": None, "cwd_base64": None}
 
 
 def test_probe_keeps_the_state_when_a_detail_is_missing(sock_dir):
@@ -425,3 +455,132 @@ def test_probe_without_a_monitor():
     assert probe.state == "unknown"
     assert "no QMP monitor" in probe.state_reason and "-qmp stdio" in probe.state_reason
     assert guest_report(guest, probe)["qmp"] is None
+
+
+# --- trust, bounds, hostile processes ----------------------------------------------------
+
+def test_a_process_is_a_guest_only_if_it_runs_a_trusted_emulator(proc, tmp_path):
+    user_copy = tmp_path / "qemu-system-x86_64"
+    user_copy.write_bytes(b"")
+    user_copy.chmod(0o755)
+    proc.qemu(100, "-name", "real", uid=107, gid=107, groups=(36, 107))
+    proc.add(101, ["qemu-system-x86_64", "-name", "real"], exe="/usr/bin/sleep")          # exec -a disguise
+    proc.add(102, [str(user_copy), "-name", "copy"], exe=str(user_copy))                # a copy in /tmp
+    proc.add(103, ["/usr/bin/python3", "-name", "real"], exe="/usr/bin/python3")         # does not even claim
+    scan = scan_host(str(proc.root))
+    assert [(g.pid, g.uid, g.gid, g.groups) for g in scan.guests] == [(100, 107, 107, (36, 107))]
+    ignored = {i.pid: i for i in scan.ignored}
+    assert sorted(ignored) == [101, 102]
+    assert ignored[101].program == "qemu-system-x86_64"
+    assert ignored[101].reason.startswith("its executable /usr/bin/sleep is not a trusted emulator")
+    assert "writable by group or others" in ignored[102].reason
+    assert [g.pid for g in find_guests(name="real", proc_root=str(proc.root))] == [100]
+    assert check_identity("real", None, proc_root=str(proc.root)).both.pid == 100
+
+
+def test_hostile_fields_are_bounded(proc):
+    proc.qemu(100, "-name", "ports", "-qmp", "tcp:127.0.0.1:" + "9" * 5000 + ",server=on",
+              "-qmp", "tcp:127.0.0.1:0,server=on", "-qmp", "tcp:127.0.0.1:65536,server=on",
+              "-qmp", "tcp:127.0.0.1:¹,server=on", "-chardev", "socket,id=m,port=70000,server=on",
+              "-mon", "chardev=m,mode=control", "-m", "inf")
+    proc.qemu(101, "-name", "nan", "-m", "nan")
+    proc.qemu(102, "-name", "huge", "-m", "9" * 400 + "T")
+    proc.qemu(103, "-name", "bad-uuid", "-uuid", "/home/u/k")
+    proc.qemu(104, "-name", "x" * 5000)
+    proc.qemu(105, "-name", "braces", "-uuid", "{" + UUID_A + "}")
+    proc.qemu(106, "-name", "fine", "-uuid", UUID_A.upper(), "-m", "1G")
+    scan = scan_host(str(proc.root))
+    guests = {g.name: g for g in scan.guests}
+    assert sorted(guests) == ["fine", "huge", "nan", "ports"]
+    assert guests["ports"].qmp == () and len(guests["ports"].unresolved_monitors) == 5
+    assert all("no port from 1 to 65535" in note and len(note) < 200 for note in guests["ports"].unresolved_monitors)
+    assert [guests[n].memory_mib for n in ("ports", "nan", "huge", "fine")] == [None, None, None, 1024]
+    assert guests["fine"].uuid == UUID_A
+    reasons = {i.pid: i.reason for i in scan.ignored}
+    assert reasons[103] == "invalid -uuid '/home/u/k'"
+    assert reasons[104] == "its -name is longer than 1024 characters"
+    assert reasons[105].startswith("invalid -uuid")
+    # A UUID that is not one matches nothing (it is not "no filter").
+    assert find_guests(uuid="/home/u/k", proc_root=str(proc.root)) == []
+    report = guest_report(guests["ports"], probe_guest(guests["ports"]))
+    assert report["memory_mib"] is None and report["state"] == "unknown"
+
+
+@pytest.mark.parametrize("memory", ["-1", "1e400", "-inf", "1" * 40, "0x10", ""])
+def test_memory_sizes_qemu_would_refuse(memory):
+    assert parse_memory_mib(memory) is None
+
+
+def test_unreadable_details_of_one_process_do_not_end_the_scan(proc):
+    proc.qemu(100, "-name", "first")
+    hostile = proc.qemu(101, "-name", "hostile")
+    (hostile / "status").write_text("Uid:\t0\nGid:\t0\n")
+    proc.qemu(102, "-name", "last")
+    # A cgroup file that cannot be decoded as a str stands in for "any bug we did not foresee".
+    (hostile / "cgroup").unlink()
+    (hostile / "cgroup").symlink_to(hostile / "cgroup")  # ELOOP: an OSError the reader treats as empty
+    assert [g.name for g in scan_guests(str(proc.root))] == ["first", "hostile", "last"]
+
+
+def test_an_unexpected_error_skips_only_that_process(proc, monkeypatch):
+    import ansible_collections.savestate.qemu.plugins.module_utils._host as host
+
+    proc.qemu(100, "-name", "first")
+    proc.qemu(101, "-name", "boom")
+    proc.qemu(102, "-name", "last")
+    real = host.libvirt_evidence
+
+    def fragile(argv, parent_comm, cgroup):  # stands in for a parser bug a hostile argv could trigger
+        if "boom" in argv:
+            raise OverflowError("cannot convert float infinity to integer")
+        return real(argv, parent_comm, cgroup)
+
+    monkeypatch.setattr(host, "libvirt_evidence", fragile)
+    scan = scan_host(str(proc.root))
+    assert [g.name for g in scan.guests] == ["first", "last"]
+    assert [(i.pid, i.reason) for i in scan.ignored] == [
+        (101, "reading it failed unexpectedly (OverflowError: cannot convert float infinity to integer)")]
+
+
+def test_non_utf8_bytes_round_trip_through_the_report(proc):
+    directory = proc.add(100, [QEMU, "-name", "web1"], cwd="/")
+    (directory / "cmdline").write_bytes(b"/usr/bin/qemu-system-x86_64\0-name\0web\xff\0")
+    (directory / "cwd").unlink()
+    (directory / "cwd").symlink_to(os.fsdecode(b"/srv/vm\xfe"))
+    guest = only_guest(proc)
+    assert guest.name == os.fsdecode(b"web\xff") and guest.cwd == os.fsdecode(b"/srv/vm\xfe")
+    report = guest_report(guest, probe_guest(guest))
+    import base64
+    import json
+    json.dumps(report).encode("utf-8")  # nothing Ansible would refuse
+    assert report["name"] == "web\\xff" and report["cwd"] == "/srv/vm\\xfe"
+    assert [base64.b64decode(arg) for arg in report["argv_base64"]] == [b"/usr/bin/qemu-system-x86_64", b"-name", b"web\xff"]
+    assert base64.b64decode(report["cwd_base64"]) == b"/srv/vm\xfe"
+
+
+def test_the_guest_serving_a_socket_is_the_one_holding_the_listener(proc, sock_dir):
+    import socket
+
+    from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
+    from ansible_collections.savestate.qemu.plugins.module_utils._host import guest_serving
+
+    path = str(sock_dir / "qmp.sock")
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(path)
+    listener.listen()
+    inode = os.fstat(listener.fileno()).st_ino
+    try:
+        # The impostor (lower pid) names the socket; the owner holds it.
+        proc.qemu(100, "-name", "impostor", "-qmp", f"unix:{path},server=on")
+        proc.qemu(200, "-name", "owner", "-qmp", "unix:/elsewhere.sock,server=on", fds={5: f"socket:[{inode}]"})
+        assert guest_by_endpoint(path, proc_root=str(proc.root)).pid == 100  # what a command line says
+        assert guest_serving(path, proc_root=str(proc.root)).pid == 200     # who holds the socket
+        # The listener held by a process that is not a guest: refused, both named.
+        (proc.root / "200" / "exe").unlink()
+        (proc.root / "200" / "exe").symlink_to("/usr/bin/sleep")
+        with pytest.raises(PreconditionError) as refused:
+            guest_serving(path, proc_root=str(proc.root))
+        assert "served by pid 200" in str(refused.value) and "(pid 100" in str(refused.value)
+        assert guest_serving(str(sock_dir / "nothing.sock"), proc_root=str(proc.root)) is None
+    finally:
+        listener.close()
