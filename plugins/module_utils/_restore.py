@@ -31,7 +31,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import time
 from dataclasses import dataclass, field, replace
@@ -44,6 +43,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._credentials import
     recorded_credentials,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import DiskRecord, GuestRecord
+from ansible_collections.savestate.qemu.plugins.module_utils._emulator import check_trusted_emulator
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     GuestConflictError,
     ImageError,
@@ -135,19 +135,6 @@ class RestoreOutcome:
 
 # --- trust -------------------------------------------------------------------------------
 
-def _untrusted_writers(info: os.stat_result, allowed_uids: set[int]) -> Optional[str]:
-    """Why users other than ``allowed_uids`` could write this file or directory, if they can."""
-    if info.st_uid not in allowed_uids:
-        return f"is owned by uid {info.st_uid}"
-    if stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX:
-        return None  # sticky: others may add files but not replace ours
-    if info.st_mode & stat.S_IWOTH:
-        return "is writable by every user"
-    if info.st_mode & stat.S_IWGRP:
-        return f"is writable by group {info.st_gid}"
-    return None
-
-
 def check_authenticated(request: RestoreRequest, opened: OpenedImage) -> None:
     """Refuse an image without a valid MAC of this host's key, unless the operator opted in.
 
@@ -168,9 +155,9 @@ def _qemu_program_name(path: str) -> bool:
 
 
 def check_emulator(emulator: str) -> str:
-    """The emulator must be a QEMU system emulator binary that only root can replace.
+    """The emulator must be a trusted QEMU system emulator: a root-owned binary only root can replace.
 
-    Returns the path to run. The name is checked before anything else: the image
+    Returns the resolved real path to run. The name is checked before anything else: the image
     (or the user) could otherwise make a restore run any program.
     """
     if not _qemu_program_name(emulator):
@@ -186,10 +173,8 @@ def check_emulator(emulator: str) -> str:
         raise PreconditionError(
             f"refusing to run {emulator!r}: it is a link to {real}, which is not a QEMU system emulator "
             "(qemu-system-* or qemu-kvm)")
-    problem = _untrusted_writers(os.stat(resolved), {0, os.geteuid()})
-    if problem:
-        raise PreconditionError(f"refusing to run {resolved}: it {problem}")
-    return resolved
+    # Resolved once: every directory on the real path is checked, and that path is what runs.
+    return check_trusted_emulator(resolved)
 
 
 # --- disks -------------------------------------------------------------------------------
@@ -306,7 +291,7 @@ def _active_outcome(guest: ActiveGuest, request: RestoreRequest, check_mode: boo
     endpoint = str(guest.endpoint) if guest.endpoint else None
     state, changed, trace = "unknown", False, []
     if endpoint is not None:
-        with Monitor(endpoint, trace=request.trace) as monitor:
+        with Monitor(endpoint, trace=request.trace, peer_pid=guest.pid) as monitor:
             state = monitor.status()
             if state == "inmigrate":
                 raise PreconditionError(
@@ -372,7 +357,22 @@ class GuestRestorer:
                 f"{_holder(holder)} holds the image's UUID; the image is guest '{self.record.name}'")
         if identity.both is None:
             return None
+        self._check_same_owner(identity.both)
         return _active_outcome(identity.both, self.request, self.check_mode, self.describe(), "")
+
+    def _check_same_owner(self, guest: ActiveGuest) -> None:
+        """An active guest with the image's name and UUID is the guest itself only if it runs as its user.
+
+        Anyone can start a QEMU with any name and UUID; taking another user's for the
+        saved guest would report a restore that did not happen.
+        """
+        recorded = recorded_credentials(self.record)
+        if recorded is None or guest.uid == recorded.uid:
+            return
+        raise GuestConflictError(
+            f"domain '{self.record.name}' is held by {_holder(guest)}, which runs as uid {guest.uid}, but the "
+            f"saved guest ran as {recorded.describe()}: another user's QEMU holds the guest's name and UUID; "
+            "refusing to restore over it or to report it as the restored guest")
 
     def check_disks(self) -> None:
         if self.request.disk_check == "ignore":

@@ -34,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from ansible_collections.savestate.qemu.plugins.module_utils._credentials import process_credentials
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import (
     DiskRecord,
     GuestRecord,
@@ -308,13 +309,15 @@ def build_record(monitor: Monitor, guest: ActiveGuest, name: Optional[str], uuid
         raise PreconditionError(
             f"guest {guest.describe()} has no name (-name); a save image records the guest's name, "
             "so start QEMU with -name to save it")
-    kvm = monitor.execute("query-kvm")
+    kvm = _qmp_dict(monitor, "query-kvm")
+    # Who the saved QEMU runs as: the restore starts the new QEMU with exactly these, never more.
+    owner = process_credentials(guest.uid, guest.gid, guest.groups)
     return GuestRecord(
         name=name,
         uuid=uuid,
         memory_kib=monitor.memory_bytes() // 1024,
         vcpus=monitor.vcpus(),
-        arch=monitor.execute("query-target")["arch"],
+        arch=_target_arch(monitor),
         machine=monitor.machine_type(),
         domain_type="kvm" if kvm.get("enabled") else "qemu",
         emulator=emulator_path(guest),
@@ -324,7 +327,26 @@ def build_record(monitor: Monitor, guest: ActiveGuest, name: Optional[str], uuid
         disks=disk_records(monitor),
         saved_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         cwd=process_cwd(guest.pid),
+        owner_uid=owner.uid,
+        owner_gid=owner.gid,
+        owner_groups=owner.groups,
+        owner_user=owner.user,
     )
+
+
+def _qmp_dict(monitor: Monitor, command: str) -> dict[str, Any]:
+    """A query's answer, which must be a JSON object (a hostile or broken peer may send anything)."""
+    answer = monitor.execute(command)
+    if not isinstance(answer, dict):
+        raise MonitorError(f"QEMU's answer to {command} is not an object: {answer!r:.200}")
+    return answer
+
+
+def _target_arch(monitor: Monitor) -> str:
+    arch = _qmp_dict(monitor, "query-target").get("arch")
+    if not isinstance(arch, str) or not arch:
+        raise MonitorError("QEMU's answer to query-target names no architecture")
+    return arch
 
 
 # --- the save itself -------------------------------------------------------------------
