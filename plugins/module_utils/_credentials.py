@@ -189,3 +189,10 @@ def recorded_credentials(record: Any) -> Optional[Credentials]:
         return None
     return Credentials(uid=record.owner_uid, gid=record.owner_gid, groups=tuple(record.owner_groups or ()),
                        user=record.owner_user)
+
+
+def popen_identity(credentials: Optional[Credentials]) -> dict[str, Any]:
+    """subprocess.Popen's arguments that make the child run as ``credentials`` (None: unchanged)."""
+    if credentials is None:
+        return {}
+    return {"user": credentials.uid, "group": credentials.gid, "extra_groups": list(credentials.groups)}

@@ -25,7 +25,7 @@ import subprocess
 from collections.abc import Sequence
 from typing import Optional
 
-from ansible_collections.savestate.qemu.plugins.module_utils._credentials import Credentials
+from ansible_collections.savestate.qemu.plugins.module_utils._credentials import Credentials, popen_identity
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import option_dict, option_name
 from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
@@ -127,7 +127,7 @@ class LaunchedQemu:
         try:
             self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
                                             cwd=cwd, close_fds=True, pass_fds=tuple(pass_fds),
-                                            start_new_session=True, **_identity(credentials))
+                                            start_new_session=True, **popen_identity(credentials))
         except (OSError, subprocess.SubprocessError) as error:
             remove_qemu_log(self.log_path)
             reason = getattr(error, "strerror", None) or str(error)
@@ -179,9 +179,3 @@ class LaunchedQemu:
     def remove_log(self) -> None:
         remove_qemu_log(self.log_path)
 
-
-def _identity(credentials: Optional[Credentials]) -> dict[str, object]:
-    """Popen's arguments that make the child run as ``credentials`` (all three ids, always together)."""
-    if credentials is None:
-        return {}
-    return {"user": credentials.uid, "group": credentials.gid, "extra_groups": list(credentials.groups)}

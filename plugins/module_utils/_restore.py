@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
 from ansible_collections.savestate.qemu.plugins.module_utils._credentials import (
+    Credentials,
     LaunchPlan,
     plan_authenticated,
     plan_unauthenticated,
@@ -456,6 +457,15 @@ class GuestRestorer:
             return plan_authenticated(recorded, self.record.argv or (), os.geteuid())
         return plan_unauthenticated(recorded, self.record.argv or (), self.image_file_uid, os.geteuid())
 
+    def _helper_credentials(self) -> Optional[Credentials]:
+        """Whom the decompressor runs as: the user QEMU ends up as (after its own -runas drop too)."""
+        if self.launch.credentials is not None:
+            return self.launch.credentials
+        recorded = recorded_credentials(self.record)
+        if os.geteuid() == 0 and self.authenticated and recorded is not None:
+            return recorded
+        return None
+
     def _record_without_private_monitor(self) -> GuestRecord:
         return replace(self.record, argv=tuple(without_private_monitor(self.record.argv or ())))
 
@@ -511,7 +521,8 @@ class GuestRestorer:
         fd = os.dup(self.image_fd)
         started = time.monotonic()
         try:
-            with Stream(monitor, plan, fd, self.image.stream_offset, self.request.path, outgoing=False) as stream:
+            with Stream(monitor, plan, fd, self.image.stream_offset, self.request.path, outgoing=False,
+                        helper_credentials=self._helper_credentials()) as stream:
                 try:
                     stream.start()
                     stream.wait(self.request.timeout)

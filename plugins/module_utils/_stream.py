@@ -38,6 +38,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ansible_collections.savestate.qemu.plugins.module_utils._credentials import Credentials, popen_identity
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     MigrationError,
     MonitorError,
@@ -296,15 +297,17 @@ class HelperProcess:
     never block on a full pipe, and its message ends up in ours.
     """
 
-    def __init__(self, argv: tuple[str, ...], stdin: int, stdout: int) -> None:
+    def __init__(self, argv: tuple[str, ...], stdin: int, stdout: int,
+                 credentials: Optional[Credentials] = None) -> None:
         self.argv = argv
         self._stderr = tempfile.TemporaryFile()
         try:
             self.process = subprocess.Popen(list(argv), stdin=stdin, stdout=stdout,
-                                            stderr=self._stderr, close_fds=True)
-        except OSError as error:
+                                            stderr=self._stderr, close_fds=True, **popen_identity(credentials))
+        except (OSError, subprocess.SubprocessError) as error:
             self._stderr.close()
-            raise MigrationError(f"cannot run {argv[0]}: {error.strerror}") from error
+            reason = getattr(error, "strerror", None) or str(error)
+            raise MigrationError(f"cannot run {argv[0]}: {reason}") from None
 
     def failure(self) -> Optional[str]:
         """A message if the helper has exited unsuccessfully, else None."""
@@ -368,8 +371,10 @@ class Stream:
     """
 
     def __init__(self, monitor: Any, plan: StreamPlan, fd: int, stream_offset: int,
-                 path: str, outgoing: bool) -> None:
+                 path: str, outgoing: bool, helper_credentials: Optional[Credentials] = None) -> None:
         self.monitor = monitor
+        # A decompressor parses the image's stream: it runs as the QEMU that loads it, never as more.
+        self.helper_credentials = helper_credentials
         self.plan = plan
         self.fd = fd
         self.stream_offset = stream_offset
@@ -423,7 +428,8 @@ class Stream:
             if self.outgoing:
                 self.helper = HelperProcess(compressor.compress_argv, helper_end.fileno(), self.fd)
             else:
-                self.helper = HelperProcess(compressor.decompress_argv, self.fd, helper_end.fileno())
+                self.helper = HelperProcess(compressor.decompress_argv, self.fd, helper_end.fileno(),
+                                            self.helper_credentials)
             self.monitor.pass_named_fd(qemu_end.fileno(), FD_NAME)
             self._named_fd = True
         # Both ends are closed here: QEMU and the helper hold the only copies, so

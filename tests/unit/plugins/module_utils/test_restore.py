@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -100,13 +102,15 @@ def test_restore_argv_keeps_everything_else_exactly():
 # --- check_emulator -------------------------------------------------------------------------
 
 @pytest.fixture
-def emulator(tmp_path: Path) -> Path:
-    directory = tmp_path / "bin"
-    directory.mkdir()
+def emulator() -> Iterator[Path]:
+    """A stand-in emulator where a trusted one lives: in directories only root can write (not /tmp)."""
+    directory = Path(tempfile.mkdtemp(prefix="ssq-bin-", dir="/run"))
+    directory.chmod(0o755)
     path = directory / "qemu-system-x86_64"
     shutil.copy("/bin/true", path)
     path.chmod(0o755)
-    return path
+    yield path
+    shutil.rmtree(directory)
 
 
 def test_a_qemu_binary_is_accepted(emulator):
@@ -135,14 +139,26 @@ def test_a_missing_or_unusable_emulator(emulator, tmp_path):
         check_emulator(str(emulator))
 
 
-@pytest.mark.parametrize("mode, owner, problem", [(0o775, 0, "is writable by group"),
-                                                  (0o757, 0, "is writable by every user"),
-                                                  (0o755, OTHER_UID, f"is owned by uid {OTHER_UID}")])
+@pytest.mark.parametrize("mode, owner, problem", [(0o775, 0, "is writable by group or others"),
+                                                  (0o757, 0, "is writable by group or others"),
+                                                  (0o755, OTHER_UID, f"is owned by uid {OTHER_UID}, not root")])
 def test_an_emulator_others_can_replace_is_refused(emulator, mode, owner, problem):
     emulator.chmod(mode)
     os.chown(emulator, owner, -1)
-    with pytest.raises(PreconditionError, match=f"refusing to run {emulator}: it {problem}"):
+    with pytest.raises(PreconditionError, match=f"not a trusted QEMU emulator: {emulator} {problem}"):
         check_emulator(str(emulator))
+
+
+def test_an_emulator_in_a_directory_others_can_write_is_refused(emulator):
+    emulator.parent.chmod(0o1777)  # sticky does not help: the binary itself could be swapped before it runs
+    with pytest.raises(PreconditionError, match=f"its directory {emulator.parent} is writable by group or others"):
+        check_emulator(str(emulator))
+
+
+def test_the_resolved_path_is_what_runs(emulator, tmp_path):
+    link = tmp_path / "qemu-system-x86_64"
+    link.symlink_to(emulator)
+    assert check_emulator(str(link)) == str(emulator)
 
 
 # --- disk_changes -----------------------------------------------------------------------------
