@@ -40,6 +40,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
     option_values,
     split_option_string,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._systemd import guest_unit
 from ansible_collections.savestate.qemu.plugins.module_utils._sockets import (
     LIBVIRT_COMMS,
     pids,
@@ -489,4 +490,11 @@ def guest_report(guest: ActiveGuest, probe: GuestProbe) -> dict[str, Any]:
         "machine": probe.machine or guest.machine_option,
         "memory_mib": probe.memory_mib if probe.memory_mib is not None else guest.memory_mib,
         "argv": list(guest.argv),
+        "unit": _unit_report(guest.pid),  # systemd (issue 15)
     }
+
+
+def _unit_report(pid: int) -> dict[str, Any] | None:
+    """The systemd unit that owns the guest, if any."""
+    unit = guest_unit(pid)
+    return unit.to_dict() if unit is not None else None

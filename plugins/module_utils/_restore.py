@@ -56,6 +56,12 @@ from ansible_collections.savestate.qemu.plugins.module_utils._host import (
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveImage
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, load_image
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor, parse_endpoint
+from ansible_collections.savestate.qemu.plugins.module_utils._systemd import (
+    UNIT_OPTION_AUTO,
+    Placement,
+    check_unit_free,
+    plan_placement,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
     escape_option_value,
     iter_options,
@@ -102,6 +108,7 @@ class RestoreRequest:
     parallel_channels: int = 1
     timeout: float = 600.0
     trace: bool = False
+    unit: str = UNIT_OPTION_AUTO     # systemd (issue 15): auto, none, or a unit name
 
 
 @dataclass
@@ -310,13 +317,18 @@ class LaunchedQemu:
     (why it refused to start, why it rejected the stream) can be quoted on failure.
     """
 
-    def __init__(self, argv: list[str], log_path: str, cwd: str) -> None:
+    def __init__(self, argv: list[str], log_path: str, cwd: str, placement: Optional[Placement] = None) -> None:
         self.argv = argv
         self.log_path = log_path
+        self.placement = placement or Placement(None)
         log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                                            cwd=cwd, close_fds=True, start_new_session=True)
+            if self.placement.kind in ("persistent", "transient"):  # systemd (issue 15): QEMU is the unit's
+                self.process: Any = self.placement.launch(argv, cwd, log_path)
+            else:
+                self.process = subprocess.Popen(self.placement.popen_argv(argv), stdin=subprocess.DEVNULL,
+                                                stdout=log_fd, stderr=log_fd, cwd=cwd, close_fds=True,
+                                                start_new_session=True)
         except OSError as error:
             os.unlink(log_path)
             raise PreconditionError(f"cannot start {argv[0]}: {error.strerror}") from None
@@ -361,6 +373,7 @@ class LaunchedQemu:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait()
+        self.placement.settle()
 
     def remove_log(self) -> None:
         try:
@@ -544,20 +557,26 @@ class GuestRestorer:
         cwd, warning = launch_directory(self.record.cwd)
         if warning:
             self.warnings.append(warning)
+        placement = plan_placement(self.record.unit, self.request.unit, self.record.name)  # systemd (issue 15)
+        check_unit_free(placement)
+        if placement.note:
+            self.warnings.append(placement.note)
         qemu = LaunchedQemu(restore_argv(self.record, emulator, private_monitor),
-                            os.path.join(runtime_dir(), f"{key}.log"), cwd)
+                            os.path.join(runtime_dir(), f"{key}.log"), cwd, placement)
         try:
             stats, state = self._load(qemu, monitor_path or private_monitor)
         except BaseException:
             qemu.kill()
             self._remove_leftovers(qemu, private_monitor, cwd)
             raise
+        placement.settle()  # the unit's own ExecStart=/Restart= apply again from here on
         self._remove_image()
         before, after = self._diff()
+        guest = _guest_summary(self.record.name, self.record.uuid, qemu.pid, state,
+                               self.record.qmp or monitor_path or private_monitor)
+        guest["unit"] = placement.describe()
         return RestoreOutcome(True, f"restored guest '{self.record.name}' from {self.request.path}",
-                              _guest_summary(self.record.name, self.record.uuid, qemu.pid, state,
-                                             self.record.qmp or monitor_path or private_monitor),
-                              self.describe(), stats, before, after, self.warnings, self.trace)
+                              guest, self.describe(), stats, before, after, self.warnings, self.trace)
 
     def _load(self, qemu: LaunchedQemu, monitor_path: str) -> tuple[dict[str, Any], str]:
         # QEMU's start-up is not part of the load: a tiny timeout must not fail a healthy start.

@@ -383,7 +383,7 @@ def test_probe_reads_state_machine_and_memory(sock_dir):
     report = guest_report(guest, probe)
     assert report == {"name": "web1", "uuid": UUID_A, "pid": 4711, "state": "paused", "state_reason": None,
                       "qmp": server.address, "managed_by": "none", "machine": "pc-i440fx-10.0",
-                      "memory_mib": 256, "argv": [QEMU, "-m", "256", "-machine", "pc"]}
+                      "memory_mib": 256, "argv": [QEMU, "-m", "256", "-machine", "pc"], "unit": None}
 
 
 def test_probe_keeps_the_state_when_a_detail_is_missing(sock_dir):
