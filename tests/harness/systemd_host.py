@@ -44,7 +44,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.paths import CACHE_DIR, HARNESS_DIR
+from harness.paths import CACHE_DIR, HARNESS_DIR, PROJECT_ROOT
 
 CACHE_ROOT = Path(os.environ.get("SAVESTATE_SYSTEMD_HOST_CACHE", "/var/cache/savestate-qemu"))
 MIRROR = "http://deb.debian.org/debian"
@@ -54,6 +54,9 @@ TEST_USER = "tester"
 VENV_IN_HOST = "/opt/savestate-venv"
 GUEST_ASSETS_IN_HOST = "/opt/savestate-guest"
 KEYS_IN_HOST = "/etc/savestate-test"
+# The working tree, read-only, where Python finds it as the collection (services in the host use it).
+COLLECTIONS_IN_HOST = "/opt/savestate-collections"
+COLLECTION_IN_HOST = f"{COLLECTIONS_IN_HOST}/ansible_collections/savestate/qemu"
 BOOT_TIMEOUT = 90.0
 POWEROFF_TIMEOUT = 90.0
 
@@ -264,7 +267,7 @@ class SystemdHost:
         argv = ["systemd-nspawn", "--boot", "--quiet", "-D", str(self.merged), f"--machine={MACHINE}",
                 "--keep-unit", "--register=no", "--private-network", "--console=passive",
                 f"--bind-ro={self.guest_assets}:{GUEST_ASSETS_IN_HOST}",
-                f"--bind-ro={self.keys}:{KEYS_IN_HOST}"]
+                f"--bind-ro={self.keys}:{KEYS_IN_HOST}", f"--bind-ro={PROJECT_ROOT}:{COLLECTION_IN_HOST}"]
         env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
         with open(self.console_log, "ab") as log:
             self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -388,6 +391,24 @@ class SystemdHost:
         """Write a file in the container (through the overlay of a running container)."""
         self.sh(f"mkdir -p {shlex.quote(os.path.dirname(path))} && cat > {shlex.quote(path)} <<'SAVESTATE_EOF'\n"
                 f"{content}\nSAVESTATE_EOF")
+
+    def run_module(self, module: str, args: dict[str, object], timeout: float = 300.0,
+                   env: dict[str, str] | None = None) -> dict[str, object]:
+        """Run one of the collection's modules on this host through real Ansible over SSH,
+        as ``tester`` with ``become``; returns the module's result (see ansible_runner)."""
+        from integration.ansible_runner import ANSIBLE, _environment, _host_result  # the tests' runner
+        inventory = self.workdir / "inventory.ini"
+        inventory.write_text(self.inventory())
+        name = module if "." in module else f"savestate.qemu.{module}"
+        argv = [str(ANSIBLE), "hv", "-i", str(inventory), "-m", name, "-a", json.dumps(args)]
+        with tempfile.TemporaryDirectory(prefix="ssq-ansible-") as scratch:
+            result_file = Path(scratch) / "results.jsonl"
+            # No SSH multiplexing: each run's session ends with it, as logind must see.
+            extra = {"ANSIBLE_SSH_ARGS": "-o ControlMaster=no", "ANSIBLE_HOST_KEY_CHECKING": "0",
+                     "ANSIBLE_PYTHON_INTERPRETER": f"{VENV_IN_HOST}/bin/python", **(env or {})}
+            done = subprocess.run(argv, cwd=PROJECT_ROOT, env=_environment(result_file, extra),
+                                  capture_output=True, text=True, timeout=timeout)
+            return _host_result(done, result_file)
 
     def inventory(self) -> str:
         """An Ansible inventory (INI) for this host: SSH as the test user, ``become`` to root."""
