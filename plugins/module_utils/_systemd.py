@@ -51,6 +51,8 @@ UNIT_OPTION_NONE = "none"
 DROPIN_NAME = "50-savestate-restore.conf"
 DROPIN_ROOT = "/run/systemd/system"
 SCOPE_PREFIX = "savestate-qemu-"   # never "machine-qemu...": that is libvirt's, discovery would leave the guest alone
+# The role guest_autosave's target: guests ordered Before= it are saved at shutdown before they stop.
+GUESTS_TARGET = "savestate-guests.target"
 SYSTEMCTL_TIMEOUT = 30.0
 STOP_TIMEOUT = 90.0
 EXIT_POLL = 0.02
@@ -337,8 +339,8 @@ class Placement:
         """The argv to Popen for a placement that execs in place (a scope), else ``argv``."""
         if self.kind != KIND_SCOPE:
             return argv
-        return ["systemd-run", "--scope", "--quiet", "--collect", "--slice=machine.slice",
-                f"--unit={self.unit}", f"--description=QEMU guest restored by savestate.qemu", "--", *argv]
+        return ["systemd-run", "--scope", "--quiet", "--collect", "--slice=machine.slice", *_ordering(),
+                f"--unit={self.unit}", "--description=QEMU guest restored by savestate.qemu", "--", *argv]
 
     def launch(self, argv: list[str], cwd: str, log_path: str) -> UnitProcess:
         """Start QEMU (``argv`` ends with ``-incoming defer``) in the unit; its output goes to ``log_path``."""
@@ -354,7 +356,7 @@ class Placement:
             options = [f"--property={key}={value}" for key, value in self.properties if key not in RESTORE_OWNED]
             _systemctl_run(["--unit", self.unit or "", "--quiet", "--collect", "--service-type=simple",
                             f"--working-directory={cwd}", f"--property=StandardOutput=append:{log_path}",
-                            "--property=StandardError=inherit", *options, "--", *argv])
+                            "--property=StandardError=inherit", *_ordering(), *options, "--", *argv])
         else:
             raise PreconditionError(f"cannot launch a guest in a {self.kind} unit")
         return UnitProcess(self._main_pid(), self.unit or "")
@@ -395,6 +397,13 @@ class Placement:
         except OSError:
             pass  # other drop-ins of the operator's live there
         _systemctl("daemon-reload", check=False)
+
+
+def _ordering() -> list[str]:
+    """Order a unit we create before the autosave role's target, where the role is installed."""
+    if show(GUESTS_TARGET, "LoadState").get("LoadState") != "loaded":
+        return []
+    return [f"--property=Before={GUESTS_TARGET}"]
 
 
 def _systemctl_run(args: list[str]) -> None:

@@ -68,7 +68,8 @@ RECIPE = {
                 "procps", "iproute2", "openssh-server", "openssh-client", "sudo", "ca-certificates",
                 "zstd", "gzip", "xz-utils", "less", "seabios", "ipxe-qemu"],
     "backports": ["qemu-system-x86", "qemu-utils"],
-    "pip": ["qemu.qmp==0.0.6", "lxml==6.1.3"],
+    # ansible-core: the host service (roles/guest_autosave) runs the collection's code without a controller
+    "pip": ["qemu.qmp==0.0.6", "lxml==6.1.3", "ansible-core==2.19.14"],
     "version": 1,
 }
 
@@ -409,6 +410,17 @@ class SystemdHost:
             done = subprocess.run(argv, cwd=PROJECT_ROOT, env=_environment(result_file, extra),
                                   capture_output=True, text=True, timeout=timeout)
             return _host_result(done, result_file)
+
+    def run_playbook(self, playbook: str, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
+        """Run a playbook (YAML text) against this host through real Ansible over SSH."""
+        inventory = self.workdir / "inventory.ini"
+        inventory.write_text(self.inventory())
+        path = self.workdir / "playbook.yml"
+        path.write_text(playbook)
+        env = {**os.environ, "ANSIBLE_SSH_ARGS": "-o ControlMaster=no", "ANSIBLE_HOST_KEY_CHECKING": "0",
+               "ANSIBLE_NOCOLOR": "1", "PATH": f"{PROJECT_ROOT / '.venv/bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
+        return subprocess.run([str(PROJECT_ROOT / ".venv/bin/ansible-playbook"), "-i", str(inventory), str(path)],
+                              cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
     def inventory(self) -> str:
         """An Ansible inventory (INI) for this host: SSH as the test user, ``become`` to root."""

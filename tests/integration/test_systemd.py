@@ -247,7 +247,7 @@ def test_guest_restored_from_a_service_job_survives_the_job(host: SystemdHost) -
               f"restore_guest; print(restore_guest(RestoreRequest(path='{IMAGES}/job1.sav', name='job1')).guest)")
     out = host.sh("systemd-run --wait --collect --quiet --unit=restore-job "
                   f"--setenv=PYTHONPATH=/opt/savestate-collections /opt/savestate-venv/bin/python -c {shlex.quote(script)}"
-                  " && journalctl -u restore-job -o cat --no-pager | tail -3")
+                  "; journalctl -u restore-job -o cat --no-pager | tail -5")
     time.sleep(2)  # the job has ended: systemd stopped its cgroup
     pids = guest.qemu_pids()
     assert len(pids) == 1, f"the restored guest died with the service job that restored it: {out}"
@@ -267,3 +267,48 @@ def test_restore_refuses_a_unit_that_is_already_active(host: SystemdHost) -> Non
         assert guest.qemu_pids() == [], "a QEMU was started although the unit was busy"
     finally:
         host.sh("systemctl stop busy-dup1.service")
+
+
+AUTOSAVE_PLAYBOOK = """
+- hosts: hv
+  gather_facts: false
+  roles:
+    - role: savestate.qemu.guest_autosave
+      vars:
+        guest_autosave_manage_venv: false
+        guest_autosave_python: /opt/savestate-venv/bin/python
+        guest_autosave_units: [qemu-auto@.service]
+        guest_autosave_max_age: 3600
+        guest_autosave_timeout: 60
+        guest_autosave_total_timeout: 120
+"""
+
+
+def test_host_shutdown_saves_guests_and_boot_restores_them(host: SystemdHost) -> None:
+    done = host.run_playbook(AUTOSAVE_PLAYBOOK)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
+    install_template(host, "qemu-auto", "always")
+    unit_guest = start_unit_guest(host, "qemu-auto", "auto1")
+    transient = HostGuest(host, "auto2")
+    argv = guest_argv(transient.name, transient.uuid, f"/run/{transient.name}.qmp")
+    host.sh(f"systemd-run --unit=vm-auto2.service --property=MemoryMax=300M --property=Before=savestate-guests.target"
+            f" -- {shlex.join(argv)}")
+    transient.wait_tick_above(3)
+
+    took = host.poweroff()
+    print(f"poweroff with two guests took {took:.1f} s")
+    ticks = {g.name: g.ticks()[-1] for g in (unit_guest, transient)}
+    host.boot()
+    deadline = time.monotonic() + 120
+    while unit_show(host, "savestate-autosave.service", "ActiveState")["ActiveState"] != "active":
+        assert time.monotonic() < deadline, host.sh("journalctl -b -u savestate-autosave --no-pager | tail -20")
+        time.sleep(0.5)
+    journal = host.sh("journalctl -u savestate-autosave --no-pager -o cat")
+    print(journal)
+    assert "auto1: saved" in journal and "auto2: saved" in journal, journal
+    for guest in (unit_guest, transient):
+        guest.assert_continued(ticks[guest.name])
+    assert unit_show(host, "qemu-auto@auto1.service", "ActiveState")["ActiveState"] == "active"
+    state = unit_show(host, "vm-auto2.service", "MainPID", "MemoryMax")
+    assert state["MemoryMax"] == str(300 << 20) and int(state["MainPID"]) == transient.qemu_pids()[0]
+    host.sh("systemctl stop qemu-auto@auto1.service vm-auto2.service")
