@@ -109,7 +109,7 @@ def _systemctl(*args: str, check: bool = True) -> str:
     argv = ["systemctl", *args]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise PreconditionError(f"'{' '.join(argv)}' failed: {error}") from None
     if check and done.returncode != 0:
@@ -410,7 +410,7 @@ def _systemctl_run(args: list[str]) -> None:
     argv = ["systemd-run", *args]
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, check=False)
     except (OSError, subprocess.TimeoutExpired) as error:
         raise PreconditionError(f"systemd-run failed: {error}") from None
     if done.returncode != 0:

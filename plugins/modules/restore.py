@@ -96,7 +96,7 @@ options:
         C(machine.slice), so that it outlives the SSH session, logind and the job that ran the restore.
       - V(none) starts QEMU detached in a session of its own, as where systemd is not PID 1.
       - Any other value is a unit name to start the guest in (a unit file's, or a new transient unit).
-      - The restore refuses to start when that unit is already active: it would run a second QEMU on the same disks.
+      - The restore refuses to start when that unit is already active, as it would run a second QEMU on the same disks.
     type: str
     default: auto
   remove_image:

@@ -327,7 +327,7 @@ class SystemdHost:
         return time.monotonic() - started
 
     def _kill_all(self) -> None:
-        for _ in range(50):
+        for _attempt in range(50):
             pids = [pid for d in self._cgroup_dirs() if d.is_dir()
                     for procs in d.rglob("cgroup.procs") for pid in procs.read_text().split()]
             if not pids:
@@ -408,7 +408,7 @@ class SystemdHost:
             extra = {"ANSIBLE_SSH_ARGS": "-o ControlMaster=no", "ANSIBLE_HOST_KEY_CHECKING": "0",
                      "ANSIBLE_PYTHON_INTERPRETER": f"{VENV_IN_HOST}/bin/python", **(env or {})}
             done = subprocess.run(argv, cwd=PROJECT_ROOT, env=_environment(result_file, extra),
-                                  capture_output=True, text=True, timeout=timeout)
+                                  capture_output=True, text=True, timeout=timeout, check=False)
             return _host_result(done, result_file)
 
     def run_playbook(self, playbook: str, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
@@ -420,7 +420,8 @@ class SystemdHost:
         env = {**os.environ, "ANSIBLE_SSH_ARGS": "-o ControlMaster=no", "ANSIBLE_HOST_KEY_CHECKING": "0",
                "ANSIBLE_NOCOLOR": "1", "PATH": f"{PROJECT_ROOT / '.venv/bin'}{os.pathsep}{os.environ.get('PATH', '')}"}
         return subprocess.run([str(PROJECT_ROOT / ".venv/bin/ansible-playbook"), "-i", str(inventory), str(path)],
-                              cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                              cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
 
     def inventory(self) -> str:
         """An Ansible inventory (INI) for this host: SSH as the test user, ``become`` to root."""
@@ -433,7 +434,7 @@ class SystemdHost:
 def _capture(argv: Sequence[str], timeout: float) -> CommandResult:
     try:
         done = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired as exc:
         return CommandResult(124, str(exc.stdout or ""), f"timed out after {timeout:g} s")
     return CommandResult(done.returncode, done.stdout, done.stderr)

@@ -19,7 +19,7 @@ def relay(host: str, port: int) -> None:
     selector.register(sys.stdin.fileno(), selectors.EVENT_READ, "in")
     selector.register(connection, selectors.EVENT_READ, "sock")
     while True:
-        for key, _ in selector.select():
+        for key, _events in selector.select():
             if key.data == "in":
                 data = os.read(sys.stdin.fileno(), 65536)
                 if not data:
