@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from harness.systemd_host import GUEST_ASSETS_IN_HOST, SystemdHost, unavailable_reason
+from harness.paths import CACHE_DIR
+from harness.qemu import selected_builds
+from harness.systemd_host import GUEST_ASSETS_IN_HOST, QEMU72_IN_HOST, SystemdHost, unavailable_reason
 
 pytestmark = [pytest.mark.integration]
 
@@ -33,11 +35,23 @@ if REASON:
 TICK = re.compile(rb"^tick (\d+)\r?$", re.MULTILINE)
 GUESTS = "/var/lib/qemu-guests"
 IMAGES = "/var/lib/qemu-saves"
-QEMU = "/usr/bin/qemu-system-x86_64"
+# The host's QEMU 10.0 (bookworm-backports) and Debian 12's 7.2 (unpacked on the build machine, bound in).
+QEMUS = {"10.0": ["/usr/bin/qemu-system-x86_64"],
+         "7.2": [f"{QEMU72_IN_HOST}/usr/bin/qemu-system-x86_64", "-L", f"{QEMU72_IN_HOST}/usr/share/qemu"]}
+SELECTED = [build.name for build in selected_builds()]
 
 
-def guest_argv(name: str, uuid: str, qmp: str) -> list[str]:
-    return [QEMU, "-name", f"guest={name},debug-threads=on", "-uuid", uuid, "-machine", "pc", "-accel", "tcg",
+def qemu_param(version: str, *before: str) -> object:
+    marks = []
+    if version not in SELECTED:
+        marks.append(pytest.mark.skip(reason=f"QEMU {version} not selected (SAVESTATE_TEST_QEMU)"))
+    elif version == "7.2" and not (CACHE_DIR / "qemu-7.2").is_dir():
+        marks.append(pytest.mark.skip(reason="QEMU 7.2 is not unpacked in .cache (make setup)"))
+    return pytest.param(*before, version, marks=marks, id="-".join([*before, f"qemu-{version}"]))
+
+
+def guest_argv(name: str, uuid: str, qmp: str, qemu: str = "10.0") -> list[str]:
+    return [*QEMUS[qemu], "-name", f"guest={name},debug-threads=on", "-uuid", uuid, "-machine", "pc", "-accel", "tcg",
             "-m", "128", "-nodefaults", "-no-user-config", "-display", "none",
             "-kernel", f"{GUEST_ASSETS_IN_HOST}/vmlinuz", "-initrd", f"{GUEST_ASSETS_IN_HOST}/initramfs.cpio.gz",
             "-chardev", f"file,id=serial0,path={GUESTS}/{name}.serial,append=on", "-serial", "chardev:serial0",
@@ -103,9 +117,10 @@ def unit_show(host: SystemdHost, unit: str, *properties: str) -> dict[str, str]:
     return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
 
 
-def install_template(host: SystemdHost, template: str, restart: str, runtime_directory: bool = True) -> None:
+def install_template(host: SystemdHost, template: str, restart: str, runtime_directory: bool = True,
+                     qemu: str = "10.0") -> None:
     """``TEMPLATE@.service`` running the test guest named after the instance, QMP in /run/qemu."""
-    argv = guest_argv("%i", "${UUID}", "/run/qemu/%i.qmp")
+    argv = guest_argv("%i", "${UUID}", "/run/qemu/%i.qmp", qemu)
     lines = ["[Unit]", f"Description=test guest %i ({restart})", "[Service]",
              f"EnvironmentFile={GUESTS}/%i.env", "ExecStart=" + " ".join(f'"{arg}"' for arg in argv), f"Restart={restart}",
              "RestartSec=1"]
@@ -142,11 +157,13 @@ def no_dropin(host: SystemdHost, unit: str) -> bool:
     return host.ssh(f"test -e /run/systemd/system/{unit}.d/50-savestate-restore.conf").returncode != 0
 
 
-@pytest.mark.parametrize("restart", ["always", "on-failure"])
-def test_template_unit_guest_is_saved_and_restored_inside_its_unit(host: SystemdHost, restart: str) -> None:
-    template = f"qemu-{restart}"
-    install_template(host, template, restart)
-    name = f"t{restart.replace('-', '')}"
+@pytest.mark.parametrize("restart,build", [qemu_param("10.0", "always"), qemu_param("10.0", "on-failure"),
+                                           qemu_param("7.2", "always")])
+def test_template_unit_guest_is_saved_and_restored_inside_its_unit(host: SystemdHost, restart: str, build: str) -> None:
+    """Issue 15 items 1, 2 and 5: the unit uses RuntimeDirectory= (removed at the stop) for its QMP socket."""
+    name = f"t{restart.replace('-', '')}{build.replace('.', '')}"
+    template = f"qemu-{name}"
+    install_template(host, template, restart, qemu=build)
     unit = f"{template}@{name}.service"
     guest = start_unit_guest(host, template, name)
 
@@ -185,10 +202,11 @@ def test_guest_info_reports_the_unit(host: SystemdHost) -> None:
         host.sh("systemctl stop qemu-info@ginfo.service")
 
 
-def test_transient_unit_keeps_its_properties(host: SystemdHost) -> None:
-    guest = HostGuest(host, "trans1")
-    unit = "vm-trans1.service"
-    argv = guest_argv(guest.name, guest.uuid, f"/run/{guest.name}.qmp")
+@pytest.mark.parametrize("build", [qemu_param("10.0"), qemu_param("7.2")])
+def test_transient_unit_keeps_its_properties(host: SystemdHost, build: str) -> None:
+    guest = HostGuest(host, f"trans{build.replace('.', '')}")
+    unit = f"vm-{guest.name}.service"
+    argv = guest_argv(guest.name, guest.uuid, f"/run/{guest.name}.qmp", build)
     host.sh(f"systemd-run --unit={unit} --property=MemoryMax=400M --property=Restart=always "
             f"--property=RestartSec=1 --property=TasksMax=200 -- {shlex.join(argv)}")
     guest.wait_tick_above(3)
