@@ -239,6 +239,7 @@ class SystemdHost:
 
     def boot(self, timeout: float = BOOT_TIMEOUT) -> None:
         """Boot the container and wait until its sshd answers; clean up if it does not."""
+        reap_stale_containers()
         try:
             self._mount_overlay()
             self._start_nspawn()
@@ -432,6 +433,47 @@ class SystemdHost:
         return (f"[hv]\n{MACHINE} ansible_host={MACHINE} ansible_user={TEST_USER} ansible_become=true"
                 f" ansible_python_interpreter={VENV_IN_HOST}/bin/python"
                 f" ansible_ssh_common_args={shlex.quote(common)}\n")
+
+
+def _cgroup_roots() -> list[Path]:
+    base = Path("/sys/fs/cgroup")
+    if (base / "cgroup.controllers").exists():
+        return [base]
+    return [root for root in (base / "systemd", base / "unified") if root.is_dir()]
+
+
+def reap_stale_containers() -> None:
+    """Kill containers left by a test run that died (SIGKILL, OOM): their cgroup is named
+    after the launching process, which is gone. Other live runs' containers are left alone."""
+    for root in _cgroup_roots():
+        for directory in root.glob(f"{MACHINE}-*"):
+            owner = directory.name.rsplit("-", 1)[-1]
+            if not owner.isdigit() or Path(f"/proc/{owner}").exists():
+                continue
+            for procs in directory.rglob("cgroup.procs"):
+                for pid in procs.read_text().split():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(int(pid), signal.SIGKILL)
+            time.sleep(0.5)
+            for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+                with contextlib.suppress(OSError):
+                    sub.rmdir()
+            with contextlib.suppress(OSError):
+                directory.rmdir()
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[0] == "overlay" and f"lowerdir={CACHE_ROOT}/" in fields[3] and "/ssq-hv-" in fields[1]:
+            if next(_live_processes_under(fields[1]), None) is None:
+                subprocess.run(["umount", "-l", fields[1]], check=False)
+
+
+def _live_processes_under(root: str) -> Iterator[int]:
+    """Processes whose root directory is ``root`` (a container's): none means it is stale."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "root") == root:
+                    yield int(entry.name)
 
 
 def _capture(argv: Sequence[str], timeout: float) -> CommandResult:
