@@ -59,6 +59,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Mon
 from ansible_collections.savestate.qemu.plugins.module_utils._systemd import (
     UNIT_OPTION_AUTO,
     Placement,
+    booted_after_save,
     check_unit_free,
     plan_placement,
 )
@@ -501,7 +502,8 @@ class GuestRestorer:
                 f"{_holder(holder)} holds the image's UUID; the image is guest '{self.record.name}'")
         if identity.both is None:
             return None
-        return _active_outcome(identity.both, self.request, self.check_mode, self.describe(), "")
+        return _active_outcome(identity.both, self.request, self.check_mode, self.describe(),
+                               booted_after_save(self.record.saved_at, identity.both.pid))  # systemd (issue 15)
 
     def check_disks(self) -> None:
         if self.request.disk_check == "ignore":

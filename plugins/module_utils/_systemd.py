@@ -39,6 +39,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Optional
 
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import MigrationError, PreconditionError
@@ -448,6 +449,32 @@ def plan_placement(recorded: Optional[UnitRecord], option: str, guest: str) -> P
         return Placement(KIND_SCOPE, recorded.name if recorded.name.startswith(SCOPE_PREFIX)
                          else f"{SCOPE_PREFIX}{unit_escape(guest)}.scope")
     return Placement(KIND_TRANSIENT, recorded.name, recorded.properties)
+
+
+def process_start(pid: int, proc_root: str = "/proc") -> Optional[float]:
+    """When a process started, in seconds since the epoch (from /proc: boot time + start ticks)."""
+    stat = _read(f"{proc_root}/{pid}/stat").rpartition(")")[2].split()
+    boot = [line.split()[1] for line in _read(f"{proc_root}/stat").splitlines() if line.startswith("btime ")]
+    if len(stat) < 20 or not boot:
+        return None
+    return int(boot[0]) + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+
+
+def booted_after_save(saved_at: Optional[str], pid: int) -> str:
+    """A note for "already active" when the active QEMU started after the image was written:
+    a restart policy (or someone) booted the guest afresh, so the image is stale, not restored."""
+    started = process_start(pid)
+    if not saved_at or started is None:
+        return ""
+    try:
+        saved = datetime.fromisoformat(saved_at.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return ""
+    if started <= saved:
+        return ""
+    when = datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
+    return (f" and was booted afresh after the image was saved (QEMU pid {pid} started {when}, the image was "
+            f"saved {saved_at}): the image is stale, its RAM belongs to an older state of the disks")
 
 
 def check_unit_free(placement: Placement) -> None:

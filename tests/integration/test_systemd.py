@@ -330,3 +330,17 @@ def test_host_shutdown_saves_guests_and_boot_restores_them(host: SystemdHost) ->
     state = unit_show(host, "vm-auto2.service", "MainPID", "MemoryMax")
     assert state["MemoryMax"] == str(300 << 20) and int(state["MainPID"]) == transient.qemu_pids()[0]
     host.sh("systemctl stop qemu-auto@auto1.service vm-auto2.service")
+
+
+def test_a_guest_booted_afresh_after_the_save_is_reported_as_such(host: SystemdHost) -> None:
+    install_template(host, "qemu-fresh", "no")
+    guest = start_unit_guest(host, "qemu-fresh", "fresh1")
+    save(host, guest)
+    time.sleep(1.1)  # saved_at has a resolution of one second
+    host.sh("systemctl start qemu-fresh@fresh1.service")  # someone boots the guest from its disk
+    try:
+        result = restore(host, guest)
+        assert not result["changed"] and "booted afresh after the image was saved" in result["msg"], result["msg"]
+        assert len(guest.qemu_pids()) == 1
+    finally:
+        host.sh("systemctl stop qemu-fresh@fresh1.service")

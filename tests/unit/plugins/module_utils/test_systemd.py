@@ -14,6 +14,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import G
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import DomainXMLError
 from ansible_collections.savestate.qemu.plugins.module_utils._systemd import (
     UnitRecord,
+    booted_after_save,
     exec_quote,
     guest_unit,
     plan_placement,
@@ -93,3 +94,10 @@ def test_without_systemd_the_guest_runs_as_today():
     assert placement.kind is None and "systemd is not running" in (placement.note or "")
     assert plan_placement(None, "auto", "g1").kind is None and plan_placement(None, "auto", "g1").note is None
     assert plan_placement(recorded, "none", "g1").kind is None
+
+
+def test_a_process_started_after_the_save_is_reported():
+    assert booted_after_save("2000-01-01T00:00:00+00:00", os.getpid()).startswith(" and was booted afresh")
+    assert booted_after_save("2999-01-01T00:00:00+00:00", os.getpid()) == ""
+    assert booted_after_save(None, os.getpid()) == ""
+    assert booted_after_save("not a date", os.getpid()) == ""
