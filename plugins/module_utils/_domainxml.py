@@ -33,6 +33,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     DomainXMLError,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import replace_disk_paths
+from ansible_collections.savestate.qemu.plugins.module_utils._systemd import UnitRecord
 
 try:
     from lxml import etree
@@ -95,6 +96,7 @@ class GuestRecord:
     disks: tuple[DiskRecord, ...] = field(default_factory=tuple)
     saved_at: Optional[str] = None
     cwd: Optional[str] = None           # QEMU's working directory: relative paths in argv resolve from it
+    unit: Optional[UnitRecord] = None   # the systemd unit QEMU ran in (issue 15)
     origin: str = ORIGIN_SAVESTATE
     # Who the saved QEMU ran as (restore starts it with these credentials, never more).
     owner_uid: Optional[int] = None
@@ -116,6 +118,7 @@ class GuestRecord:
             "saved_at": self.saved_at,
             "cwd": self.cwd,
             "credentials": self.credentials(),
+            "unit": self.unit.to_dict() if self.unit is not None else None,
         }
 
     def credentials(self) -> Optional[dict[str, Any]]:
@@ -384,8 +387,31 @@ def _record_from_tree(root: Any) -> GuestRecord:
     return GuestRecord(
         emulator=_child_text(meta, "emulator"), qemu_version=_child_text(meta, "qemu-version"),
         argv=_metadata_argv(meta), qmp=_child_text(meta, "qmp"), disks=_metadata_disks(meta),
-        saved_at=_child_text(meta, "saved-at"), cwd=_child_text(meta, "cwd"), origin=ORIGIN_SAVESTATE,
-        **_metadata_credentials(meta), **common)
+        saved_at=_child_text(meta, "saved-at"), cwd=_child_text(meta, "cwd"), unit=_metadata_unit(meta),
+        origin=ORIGIN_SAVESTATE, **_metadata_credentials(meta), **common)
+
+
+# --- systemd unit (issue 15): <ss:unit name="qemu@g1.service" kind="persistent"><ss:property name=K>V ---
+
+def _metadata_unit(meta: Any) -> Optional[UnitRecord]:
+    element = meta.find(_tag("unit"))
+    if element is None:
+        return None
+    name, kind = element.get("name"), element.get("kind")
+    if not name or kind not in ("persistent", "transient"):
+        raise DomainXMLError(f"<{PREFIX}:unit> needs a name and a kind (persistent or transient)")
+    properties = tuple((prop.get("name") or "", _get_text(prop)) for prop in element.iterfind(_tag("property")))
+    return UnitRecord(name, kind, properties)
+
+
+def _build_unit(meta: Any, unit: Optional[UnitRecord]) -> None:
+    if unit is None or not _xml_safe(unit.name):
+        return
+    element = etree.SubElement(meta, _tag("unit"), name=unit.name, kind=unit.kind)
+    for key, value in unit.properties:
+        if _xml_safe(key):
+            prop = etree.SubElement(element, _tag("property"), name=key)
+            _set_text(prop, value)
 
 
 def parse_domain_xml(xml: str) -> GuestRecord:
@@ -486,6 +512,7 @@ def _build_metadata(metadata: Any, record: GuestRecord, domain_name: str) -> Non
     _meta_text(meta, "saved-at", record.saved_at)
     _meta_text(meta, "cwd", record.cwd)
     _build_credentials(meta, record)
+    _build_unit(meta, record.unit)
     if record.argv is not None:
         argv = etree.SubElement(meta, _tag("argv"))
         for arg in record.argv:

@@ -73,6 +73,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
     option_values,
     split_option_string,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._systemd import guest_unit
 from ansible_collections.savestate.qemu.plugins.module_utils._sockets import (
     LIBVIRT_COMMS,
     unix_path_of_fd,
@@ -631,6 +632,7 @@ def guest_report(guest: ActiveGuest, probe: GuestProbe) -> dict[str, Any]:
         "groups": list(guest.groups),
         "argv_base64": [_base64(arg) for arg in guest.argv] if exact else None,
         "cwd_base64": _base64(guest.cwd) if exact and guest.cwd is not None else None,
+        "unit": _unit_report(guest.pid),  # systemd (issue 15)
     }
     return json_safe(report)
 
@@ -653,3 +655,9 @@ def json_safe(value: Any) -> Any:
 
 def _base64(text: str) -> str:
     return base64.b64encode(fs_bytes(text)).decode("ascii")
+
+
+def _unit_report(pid: int) -> dict[str, Any] | None:
+    """The systemd unit that owns the guest, if any."""
+    unit = guest_unit(pid)
+    return unit.to_dict() if unit is not None else None

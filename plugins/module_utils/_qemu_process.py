@@ -7,13 +7,18 @@
 
 """The QEMU process a restore starts, and the private monitor it is reached through.
 
-The restore talks to its QEMU over a monitor socket that the restore itself
-binds, in its own root-only runtime directory, and hands to QEMU as a listening
-file descriptor (``-chardev socket,fd=N,server=on``). Nothing else can have bound
-that socket first or connect to it, so the process answering there is the QEMU
-we started: no other process on the host can pose as it, receive the image's
-file descriptor, or report a state of its choosing. The monitor paths on the
-recorded command line are QEMU's to bind, for the operator's later use.
+The restore talks to its QEMU over a monitor socket that no other process can
+pose as, so nobody else receives the image's file descriptor or reports a state
+of its choosing:
+
+- QEMU started by us (or through a ``systemd-run --scope`` that execs in place)
+  inherits a listening socket the restore bound in its root-only runtime
+  directory (``-chardev socket,fd=N,server=on``);
+- QEMU started by systemd in a unit cannot inherit it, so it binds the socket
+  itself, in a directory only its user and root can enter, and the restore checks
+  that the process serving it is the unit's QEMU (``SO_PEERCRED``).
+
+The monitor paths on the recorded command line are QEMU's to bind, for later use.
 """
 
 from __future__ import annotations
@@ -23,11 +28,16 @@ import signal
 import socket
 import subprocess
 from collections.abc import Sequence
-from typing import Optional
+from typing import Any, Optional
 
 from ansible_collections.savestate.qemu.plugins.module_utils._credentials import Credentials, popen_identity
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
-from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import option_dict, option_name
+from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
+    escape_option_value,
+    option_dict,
+    option_name,
+)
+from ansible_collections.savestate.qemu.plugins.module_utils._systemd import Placement
 from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
     claim_qemu_log,
     create_qemu_log,
@@ -36,6 +46,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
 
 # The chardev id of the monitor a restore adds; a later restore of the same guest replaces it.
 PRIVATE_MONITOR_ID = "savestate-monitor"
+UNIT_MONITOR_ROOT = "/run/savestate-qemu-monitors"
 LOG_TAIL_BYTES = 4000
 LOG_TAIL_LINES = 8
 
@@ -45,6 +56,8 @@ class PrivateMonitor:
 
     Leaving the block closes our copy of the listener: from then on only QEMU holds it.
     """
+
+    check_peer = False  # we bound it: SO_PEERCRED would name us, and nobody else can reach it
 
     def __init__(self, path: str) -> None:
         self.path = path
@@ -62,6 +75,10 @@ class PrivateMonitor:
     def fd(self) -> int:
         return self._socket.fileno()
 
+    @property
+    def pass_fds(self) -> tuple[int, ...]:
+        return (self.fd,)
+
     def qemu_options(self) -> list[str]:
         """What QEMU needs to serve its monitor on our listening socket (inherited as ``fd``)."""
         return ["-chardev", f"socket,id={PRIVATE_MONITOR_ID},fd={self.fd},server=on,wait=off",
@@ -78,6 +95,60 @@ class PrivateMonitor:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+class UnitMonitor:
+    """The monitor of a QEMU that systemd starts: QEMU binds it in a directory of its own user's.
+
+    ``/run/savestate-qemu-monitors`` (root, 0711: enterable, not listable) holds one
+    directory per guest, owned by the user QEMU runs as, mode 0700. Only that user
+    and root can bind there; the restore verifies the peer is QEMU's pid.
+    """
+
+    check_peer = True
+    pass_fds: tuple[int, ...] = ()
+
+    def __init__(self, key: str, uid: int, gid: int) -> None:
+        self.directory = os.path.join(UNIT_MONITOR_ROOT, key)
+        try:
+            _private_directory(UNIT_MONITOR_ROOT, 0, 0, 0o711)
+            _private_directory(self.directory, uid, gid, 0o700)
+        except OSError as error:
+            raise PreconditionError(f"cannot prepare the restore's monitor directory {self.directory}: "
+                                    f"{error.strerror or error}") from None
+        self.path = os.path.join(self.directory, "qmp.sock")
+        _unlink_if_socket(self.path)
+
+    def qemu_options(self) -> list[str]:
+        return ["-chardev", f"socket,id={PRIVATE_MONITOR_ID},path={escape_option_value(self.path)},"
+                            "server=on,wait=off",
+                "-mon", f"chardev={PRIVATE_MONITOR_ID},mode=control"]
+
+    def close(self) -> None:
+        pass
+
+    def remove(self) -> None:
+        _unlink_if_socket(self.path)
+
+    def __enter__(self) -> UnitMonitor:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+def _private_directory(path: str, uid: int, gid: int, mode: int) -> None:
+    """``path`` as a real directory (never a link) owned by ``uid``:``gid`` with ``mode``."""
+    try:
+        os.mkdir(path, mode)
+    except FileExistsError:
+        pass
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        os.fchown(fd, uid, gid)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
 
 
 def _unlink_if_socket(path: str) -> None:
@@ -113,21 +184,27 @@ def _names_private_monitor(option: str, value: str) -> bool:
 class LaunchedQemu:
     """A QEMU started by the restore, detached from the module so that it outlives it.
 
-    It runs in its own session, as ``credentials`` (None: as we run), with stdin on
-    /dev/null and stdout/stderr in a log file of ours: nothing ties it to the
-    module's pipes, and QEMU's own messages (why it refused to start, why it
-    rejected the stream) can be quoted on failure. ``pass_fds`` are inherited.
+    It runs in its own session (or in the systemd unit ``placement`` names), as
+    ``credentials`` (None: as we run), with stdin on /dev/null and stdout/stderr in
+    a log file of ours: nothing ties it to the module's pipes, and QEMU's own
+    messages (why it refused to start, why it rejected the stream) can be quoted on
+    failure. ``pass_fds`` are inherited (not through a unit: systemd starts it).
     """
 
     def __init__(self, argv: list[str], key: str, cwd: str, credentials: Optional[Credentials] = None,
-                 pass_fds: Sequence[int] = ()) -> None:
+                 pass_fds: Sequence[int] = (), placement: Optional[Placement] = None) -> None:
         self.argv = argv
         self.credentials = credentials
+        self.placement = placement or Placement(None)
         self.log_path, log_fd = create_qemu_log(key)
         try:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd,
-                                            cwd=cwd, close_fds=True, pass_fds=tuple(pass_fds),
-                                            start_new_session=True, **popen_identity(credentials))
+            if self.placement.starts_in_unit:
+                self.process: Any = self.placement.launch(argv, cwd, self.log_path)
+            else:
+                self.process = subprocess.Popen(self._popen_argv(argv), stdin=subprocess.DEVNULL,
+                                                stdout=log_fd, stderr=log_fd, cwd=cwd, close_fds=True,
+                                                pass_fds=tuple(pass_fds), start_new_session=True,
+                                                **self._popen_identity())
         except (OSError, subprocess.SubprocessError) as error:
             remove_qemu_log(self.log_path)
             reason = getattr(error, "strerror", None) or str(error)
@@ -136,6 +213,15 @@ class LaunchedQemu:
             os.close(log_fd)
         # Named after its pid: the next run removes it once this QEMU is gone.
         self.log_path = claim_qemu_log(self.log_path, self.process.pid)
+
+    def _popen_argv(self, argv: list[str]) -> list[str]:
+        if self.placement.execs_in_place and self.credentials is not None:
+            return self.placement.popen_argv(argv, self.credentials.uid, self.credentials.gid)
+        return self.placement.popen_argv(argv)
+
+    def _popen_identity(self) -> dict[str, Any]:
+        # A scope's systemd-run talks to the service manager as root and switches user itself.
+        return {} if self.placement.execs_in_place else popen_identity(self.credentials)
 
     @property
     def pid(self) -> int:
@@ -175,6 +261,7 @@ class LaunchedQemu:
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
         self.process.wait()
+        self.placement.settle()
 
     def remove_log(self) -> None:
         remove_qemu_log(self.log_path)

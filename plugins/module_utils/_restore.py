@@ -47,6 +47,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import D
 from ansible_collections.savestate.qemu.plugins.module_utils._emulator import check_trusted_emulator
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     GuestConflictError,
+    MonitorPeerError,
     ImageError,
     MigrationError,
     MonitorError,
@@ -67,8 +68,17 @@ from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Mon
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_process import (
     LaunchedQemu,
     PrivateMonitor,
+    UnitMonitor,
     without_private_monitor,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._systemd import (
+    UNIT_OPTION_AUTO,
+    Placement,
+    booted_after_save,
+    check_unit_free,
+    plan_placement,
+)
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import read_status
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
     escape_option_value,
     iter_options,
@@ -119,6 +129,7 @@ class RestoreRequest:
     timeout: float = 600.0
     trace: bool = False
     allow_unauthenticated: bool = False
+    unit: str = UNIT_OPTION_AUTO     # systemd (issue 15): auto, none, or a unit name
 
 
 @dataclass
@@ -359,7 +370,8 @@ class GuestRestorer:
         if identity.both is None:
             return None
         self._check_same_owner(identity.both)
-        return _active_outcome(identity.both, self.request, self.check_mode, self.describe(), "")
+        return _active_outcome(identity.both, self.request, self.check_mode, self.describe(),
+                               booted_after_save(self.record.saved_at, identity.both.pid))  # systemd (issue 15)
 
     def _check_same_owner(self, guest: ActiveGuest) -> None:
         """An active guest with the image's name and UUID is the guest itself only if it runs as its user.
@@ -429,24 +441,28 @@ class GuestRestorer:
         cwd, warning = launch_directory(self.record.cwd)
         if warning:
             self.warnings.append(warning)
-        runtime = runtime_dir()
-        with PrivateMonitor(os.path.join(runtime, f"{key}.qmp")) as monitor_socket:
+        placement = plan_placement(self.record.unit, self.request.unit, self.record.name)  # systemd (issue 15)
+        check_unit_free(placement)
+        if placement.note:
+            self.warnings.append(placement.note)
+        with self._monitor_socket(key, placement) as monitor_socket:
             argv = restore_argv(self._record_without_private_monitor(), emulator, None)
-            qemu = LaunchedQemu(argv + monitor_socket.qemu_options(),
-                                key, cwd, launch.credentials,
-                                pass_fds=(monitor_socket.fd,))
+            qemu = LaunchedQemu(argv + monitor_socket.qemu_options(), key, cwd, launch.credentials,
+                                pass_fds=monitor_socket.pass_fds, placement=placement)
         try:
-            stats, state = self._load(qemu, monitor_socket.path)
+            stats, state = self._load(qemu, monitor_socket)
         except BaseException:
             qemu.kill()
             monitor_socket.remove()
             self._remove_leftovers(qemu, cwd)
             raise
+        placement.settle()  # the unit's own ExecStart=/Restart= apply again from here on
         self._remove_image()
         before, after = self._diff()
         guest = _guest_summary(self.record.name, self.record.uuid, qemu.pid, state,
                                self.record.qmp or monitor_socket.path)
         guest["user"] = launch.describe_user
+        guest["unit"] = placement.describe()
         return RestoreOutcome(True, f"restored guest '{self.record.name}' from {self.request.path}",
                               guest, self.describe(), stats, before, after, self.warnings, self.trace)
 
@@ -466,13 +482,28 @@ class GuestRestorer:
             return recorded
         return None
 
+    def _monitor_socket(self, key: str, placement: Placement) -> PrivateMonitor | UnitMonitor:
+        """The restore's own monitor: inherited by QEMU, or bound by QEMU when systemd starts it."""
+        if not placement.starts_in_unit:
+            return PrivateMonitor(os.path.join(runtime_dir(), f"{key}.qmp"))
+        uid, gid = self._expected_ids()
+        return UnitMonitor(key, uid, gid)
+
+    def _expected_ids(self) -> tuple[int, int]:
+        """The real uid and gid the restored QEMU must end up with (after its own -runas drop too)."""
+        credentials = self._helper_credentials()
+        if credentials is not None:
+            return credentials.uid, credentials.gid
+        return os.geteuid(), os.getegid()
+
     def _record_without_private_monitor(self) -> GuestRecord:
         return replace(self.record, argv=tuple(without_private_monitor(self.record.argv or ())))
 
-    def _load(self, qemu: LaunchedQemu, monitor_path: str) -> tuple[dict[str, Any], str]:
-        monitor = self._connect(qemu, monitor_path)
+    def _load(self, qemu: LaunchedQemu, monitor_socket: PrivateMonitor | UnitMonitor) -> tuple[dict[str, Any], str]:
+        monitor = self._connect(qemu, monitor_socket)
         try:
             with monitor:
+                self._check_runs_as_expected(qemu)
                 stats = self._stream_in(monitor, qemu)
                 if self.target == "running":
                     monitor.execute("cont")
@@ -485,21 +516,44 @@ class GuestRestorer:
             self.trace = monitor.trace
         return stats, state
 
-    def _connect(self, qemu: LaunchedQemu, monitor_path: str) -> Monitor:
+    def _connect(self, qemu: LaunchedQemu, monitor_socket: PrivateMonitor | UnitMonitor) -> Monitor:
         """The new QEMU's monitor, once it greets us; its start-up is not part of the load.
 
-        Our listening socket queues the connection until QEMU serves it, so the wait
-        is for QEMU's greeting. If QEMU exits first, the queued connection is reset.
+        An inherited socket queues our connection until QEMU serves it, so the wait
+        is for QEMU's greeting (if QEMU exits first, the queued connection is reset).
+        A socket QEMU binds itself is polled for until it appears, and its server
+        must be QEMU's pid.
         """
-        monitor = Monitor(monitor_path, connect_timeout=STARTUP_TIMEOUT, trace=self.request.trace)
-        try:
-            return monitor.connect()
-        except MonitorError as error:
-            if qemu.exited(EXIT_GRACE):
-                raise MigrationError(self._start_failure(f"QEMU did not start: it {qemu.exit_status()}"
-                                                         f"{qemu.said()}")) from None
-            raise MigrationError(f"QEMU did not answer on its monitor within {STARTUP_TIMEOUT:g} s ({error})"
-                                 f"{qemu.said()}") from None
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while True:
+            peer = qemu.pid if monitor_socket.check_peer else None
+            monitor = Monitor(monitor_socket.path, connect_timeout=max(deadline - time.monotonic(), 0.1),
+                              trace=self.request.trace, peer_pid=peer)
+            try:
+                return monitor.connect()
+            except MonitorPeerError:
+                raise
+            except MonitorError as error:
+                if qemu.exited(EXIT_GRACE if not monitor_socket.check_peer else 0.0):
+                    raise MigrationError(self._start_failure(f"QEMU did not start: it {qemu.exit_status()}"
+                                                             f"{qemu.said()}")) from None
+                if not monitor_socket.check_peer or time.monotonic() > deadline:
+                    raise MigrationError(f"QEMU did not answer on its monitor within {STARTUP_TIMEOUT:g} s "
+                                         f"({error}){qemu.said()}") from None
+            # QEMU binds its socket a few tens of ms after exec: a short poll keeps that off the restore.
+            time.sleep(0.01)
+
+    def _check_runs_as_expected(self, qemu: LaunchedQemu) -> None:
+        """The QEMU that greeted us runs as the saved one did, whatever started it (a unit's User= too)."""
+        expected_uid, expected_gid = self._expected_ids()
+        status = read_status(qemu.pid)
+        if status is None:
+            raise MigrationError(f"QEMU (pid {qemu.pid}) exited before the image was loaded{qemu.said()}")
+        if (status.uid, status.gid) != (expected_uid, expected_gid):
+            raise PreconditionError(
+                f"the restored QEMU (pid {qemu.pid}) runs as uid {status.uid}, gid {status.gid}, but the saved one "
+                f"ran as uid {expected_uid}, gid {expected_gid}; it was stopped before the image was loaded. "
+                "A systemd unit's User=/Group= must match the user the guest ran as")
 
     def _start_failure(self, text: str) -> str:
         if "machine type" not in text or not self.record.machine:

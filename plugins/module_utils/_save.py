@@ -73,6 +73,11 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image_info import 
 from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, load_key
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_gone, read_cwd
+from ansible_collections.savestate.qemu.plugins.module_utils._systemd import (
+    check_unit_stopped,
+    guest_unit,
+    stop_unit_before_quit,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
     GuestLock,
     JournalStore,
@@ -331,6 +336,7 @@ def build_record(monitor: Monitor, guest: ActiveGuest, name: Optional[str], uuid
         owner_gid=owner.gid,
         owner_groups=owner.groups,
         owner_user=owner.user,
+        unit=guest_unit(guest.pid),  # systemd (issue 15): the restore starts the guest in it again
     )
 
 
@@ -565,10 +571,16 @@ class GuestSaver:
                              describe_image(*load_image(image_path)), stats)
 
     def _end_guest(self) -> None:
+        # systemd (issue 15): a unit's pending stop job keeps its Restart= from booting the guest afresh
+        unit = guest_unit(self.guest.pid)
+        stop_unit_before_quit(unit)
         try:
             self.monitor.execute("quit")
         except MonitorClosedError:
             pass  # QEMU closed the connection while answering: it is on its way out
+        except MonitorError:
+            if unit is None:
+                raise  # with a unit, its stop job's SIGTERM may have ended QEMU first
         self.monitor.close()
         deadline = time.monotonic() + QUIT_TIMEOUT
         while not _process_gone(self.guest.pid):
@@ -576,6 +588,7 @@ class GuestSaver:
                 raise MigrationError(f"the image is saved, but QEMU (pid {self.guest.pid}) did not exit "
                                      f"within {QUIT_TIMEOUT:g} s of 'quit'")
             time.sleep(0.01)
+        check_unit_stopped(unit, self.guest.pid)
 
     def _refresh_fingerprints(self, image_path: str) -> None:
         """Record the disks as QEMU left them on exit; restore compares against these."""

@@ -94,6 +94,21 @@ options:
     type: str
     default: strict
     choices: [strict, warn, ignore]
+  unit:
+    description:
+      - The systemd unit the restored QEMU runs in, on a host where systemd is PID 1.
+      - V(auto) restores the guest into the unit recorded at the save. A unit with a unit file
+        (for example a template instance V(qemu@g1.service)) is started with a runtime drop-in whose
+        C(ExecStart=) is the recorded command line waiting for the stream; the drop-in is removed once
+        the guest runs, so C(systemctl stop) and C(Restart=) act on the restored guest. A transient unit
+        (C(systemd-run)) is recreated under its name with its recorded properties (C(MemoryMax=), C(Slice=), ...).
+        A guest saved outside any unit runs in a scope of its own, C(savestate-qemu-NAME.scope) in
+        C(machine.slice), so that it outlives the SSH session, logind and the job that ran the restore.
+      - V(none) starts QEMU detached in a session of its own, as where systemd is not PID 1.
+      - Any other value is a unit name to start the guest in (a unit file's, or a new transient unit).
+      - The restore refuses to start when that unit is already active, as it would run a second QEMU on the same disks.
+    type: str
+    default: auto
   remove_image:
     description:
       - Delete the image once the guest is confirmed in its target state, like libvirt's managed save.
@@ -257,6 +272,7 @@ def main() -> None:
             parallel_channels=dict(type="int", default=1),
             timeout=dict(type="float", default=600.0),
             allow_unauthenticated=dict(type="bool", default=False),
+            unit=dict(type="str", default="auto"),
             **QMP_COMMON_ARGS,
         ),
         supports_check_mode=True,
@@ -273,7 +289,7 @@ def main() -> None:
         path=params["path"], state=params["state"], name=params["name"], uuid=params["uuid"],
         emulator=params["emulator"], disk_check=params["disk_check"], remove_image=params["remove_image"],
         parallel_channels=params["parallel_channels"], timeout=params["timeout"], trace=params["qmp_trace"],
-        allow_unauthenticated=params["allow_unauthenticated"])
+        allow_unauthenticated=params["allow_unauthenticated"], unit=params["unit"])
     try:
         outcome = restore_guest(request, check_mode=module.check_mode)
     except SaveStateError as error:

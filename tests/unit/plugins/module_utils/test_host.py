@@ -413,7 +413,7 @@ def test_probe_reads_state_machine_and_memory(sock_dir):
                       "qmp": server.address, "managed_by": "none", "machine": "pc-i440fx-10.0",
                       "memory_mib": 256, "argv": [QEMU, "-m", "256", "-machine", "pc"],
                       "cwd": None, "exe": QEMU, "uid": 0, "gid": 0, "groups": [],
-                      "argv_base64": None, "cwd_base64": None}
+                      "argv_base64": None, "cwd_base64": None, "unit": None}
 
 
 def test_probe_keeps_the_state_when_a_detail_is_missing(sock_dir):
