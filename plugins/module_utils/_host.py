@@ -58,7 +58,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._proc import (
     GONE_STATES,
     fs_bytes,
     is_plain_text,
-    json_text,
+    json_safe,
     pids,
     process_comm,
     read_cgroup,
@@ -640,17 +640,6 @@ def guest_report(guest: ActiveGuest, probe: GuestProbe) -> dict[str, Any]:
 def ignored_report(process: IgnoredProcess) -> dict[str, Any]:
     """One entry of guest_info's ``ignored``."""
     return json_safe(process.report())
-
-
-def json_safe(value: Any) -> Any:
-    """``value`` with every string made safe for a module result (see ``_proc.json_text``)."""
-    if isinstance(value, str):
-        return json_text(value)
-    if isinstance(value, dict):
-        return {json_safe(key): json_safe(item) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(item) for item in value]
-    return value
 
 
 def _base64(text: str) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 PROC = "/proc"
 MAX_CMDLINE = 4 << 20      # bytes; Linux caps argv+envp at 1/4 of the stack limit, far below in practice
@@ -133,6 +134,23 @@ def process_start_time(pid: int, proc_root: str = PROC) -> int | None:
     return stat.start_time if stat is not None else None
 
 
+def boot_time(proc_root: str = PROC) -> int | None:
+    """When the host booted, in seconds since the epoch (``btime`` of /proc/stat)."""
+    for line in (read_text(f"{proc_root}/stat") or "").splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[0] == "btime" and fields[1].isdigit():
+            return int(fields[1])
+    return None
+
+
+def process_started_at(pid: int, proc_root: str = PROC) -> float | None:
+    """When ``pid`` started, in seconds since the epoch (boot time + its start ticks)."""
+    ticks, booted = process_start_time(pid, proc_root), boot_time(proc_root)
+    if ticks is None or booted is None:
+        return None
+    return booted + ticks / os.sysconf("SC_CLK_TCK")
+
+
 def process_gone(pid: int, proc_root: str = PROC) -> bool:
     """Gone, or a zombie its parent has not reaped yet (it holds no resources)."""
     stat = read_stat(pid, proc_root)
@@ -210,6 +228,14 @@ def net_table(name: str, proc_root: str = PROC, pid: int | None = None) -> list[
     return (text or "").splitlines()[1:]
 
 
+def fd_stat(pid: int, fd: int, proc_root: str = PROC) -> os.stat_result | None:
+    """What a process's fd ``fd`` refers to (the file, not the link); None if closed or unreadable."""
+    try:
+        return os.stat(f"{proc_root}/{pid}/fd/{fd}")
+    except (OSError, ValueError):
+        return None
+
+
 def _is_int(text: str) -> bool:
     digits = text[1:] if text.startswith("-") else text
     return digits.isdigit() and digits.isascii() and len(digits) < 20
@@ -237,3 +263,14 @@ def is_plain_text(text: str) -> bool:
 def json_text(text: str) -> str:
     """``text`` for a module result: bytes that are not UTF-8 shown as ``\\xNN`` (Ansible refuses them raw)."""
     return text if is_plain_text(text) else fs_bytes(text).decode("utf-8", "backslashreplace")
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every string made safe for a module result (see :func:`json_text`)."""
+    if isinstance(value, str):
+        return json_text(value)
+    if isinstance(value, dict):
+        return {json_safe(key): json_safe(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(item) for item in value]
+    return value

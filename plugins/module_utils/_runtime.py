@@ -44,6 +44,8 @@ from typing import Any, Optional
 from uuid import UUID
 
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import fd_stat, net_table
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_start_time as _start_time
 
 ROOT_RUNTIME_DIR = "/run/savestate-qemu"
 LOCK_POLL_INTERVAL = 0.1
@@ -396,10 +398,7 @@ def _try_lock(key: str) -> Optional[GuestLock]:
 
 def process_start_time(pid: int) -> Optional[int]:
     """Clock ticks since boot at which ``pid`` started: tells a reused pid apart."""
-    # Imported here to keep this change to the one function; _proc owns every /proc read.
-    from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_start_time as start_time
-
-    return start_time(pid)
+    return _start_time(pid)
 
 
 @dataclass
@@ -529,12 +528,8 @@ TEMP_FILE = re.compile(r".+\.(?P<pid>[0-9]{1,10})\.tmp")
 
 def _bound_unix_paths() -> set[str]:
     """Paths unix sockets are bound to (in this network namespace)."""
-    try:
-        with open("/proc/net/unix", encoding="utf-8", errors="surrogateescape") as table:
-            next(table, None)
-            return {fields[7] for fields in (line.split(maxsplit=7) for line in table) if len(fields) == 8}
-    except OSError:
-        return set()
+    rows = (line.split(maxsplit=7) for line in net_table("unix"))
+    return {fields[7] for fields in rows if len(fields) == 8}
 
 
 def _socket_listens(path: str) -> bool:
@@ -554,13 +549,8 @@ def _socket_listens(path: str) -> bool:
 def _writes_to(pid: int, info: os.stat_result) -> bool:
     """Whether process ``pid`` has the file ``info`` as its standard output or error."""
     for fd in (1, 2):
-        try:
-            target = os.stat(f"/proc/{pid}/fd/{fd}")
-        except FileNotFoundError:
-            continue
-        except OSError:
-            return True  # cannot tell: keep the log
-        if (target.st_dev, target.st_ino) == (info.st_dev, info.st_ino):
+        target = fd_stat(pid, fd)
+        if target is not None and (target.st_dev, target.st_ino) == (info.st_dev, info.st_ino):
             return True
     return False
 

@@ -43,6 +43,7 @@ from datetime import datetime, timezone
 from typing import Any, Optional
 
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import MigrationError, PreconditionError
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_gone, process_started_at, read_cgroup
 
 KIND_PERSISTENT = "persistent"
 KIND_TRANSIENT = "transient"
@@ -146,14 +147,6 @@ def unit_of_cgroup(cgroup_text: str) -> Optional[str]:
     return None
 
 
-def _read(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return handle.read()
-    except OSError:
-        return ""
-
-
 def _is_login_session(unit: str) -> bool:
     return bool(re.fullmatch(r"session-[^.]+\.scope", unit)) or unit.startswith(("user@", "user-"))
 
@@ -166,7 +159,7 @@ def guest_unit(pid: int) -> Optional[UnitRecord]:
     """
     if not systemd_booted():
         return None
-    unit = unit_of_cgroup(_read(f"/proc/{pid}/cgroup"))
+    unit = unit_of_cgroup(read_cgroup(pid))
     if unit is None or _is_login_session(unit):
         return None
     wanted = ["Id", "Transient", "MainPID", "LoadState", *TRANSIENT_PROPERTIES]
@@ -310,10 +303,7 @@ class UnitProcess:
 
 
 def _alive(pid: int) -> bool:
-    stat = _read(f"/proc/{pid}/stat")
-    if not stat:
-        return False
-    return stat.rpartition(")")[2].split()[0:1] != ["Z"]
+    return not process_gone(pid)
 
 
 @dataclass
@@ -468,12 +458,8 @@ def plan_placement(recorded: Optional[UnitRecord], option: str, guest: str) -> P
 
 
 def process_start(pid: int, proc_root: str = "/proc") -> Optional[float]:
-    """When a process started, in seconds since the epoch (from /proc: boot time + start ticks)."""
-    stat = _read(f"{proc_root}/{pid}/stat").rpartition(")")[2].split()
-    boot = [line.split()[1] for line in _read(f"{proc_root}/stat").splitlines() if line.startswith("btime ")]
-    if len(stat) < 20 or not boot:
-        return None
-    return int(boot[0]) + int(stat[19]) / os.sysconf("SC_CLK_TCK")
+    """When a process started, in seconds since the epoch."""
+    return process_started_at(pid, proc_root)
 
 
 def booted_after_save(saved_at: Optional[str], pid: int) -> str:

@@ -255,6 +255,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
     QEMU_QMP_REQUIREMENT,
     QMP_COMMON_ARGS,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe
 
 
 def main() -> None:
@@ -284,7 +285,7 @@ def main() -> None:
     result = dict(changed=False, guests=guests, ignored=[ignored_report(process) for process in scan.ignored])
     if module.params["qmp_trace"]:
         result["qmp_trace"] = trace
-    module.exit_json(**result)
+    module.exit_json(**json_safe(result))
 
 
 if __name__ == "__main__":

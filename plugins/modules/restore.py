@@ -251,6 +251,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
     QEMU_QMP_REQUIREMENT,
     QMP_COMMON_ARGS,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe, json_text
 from ansible_collections.savestate.qemu.plugins.module_utils._restore import (
     DISK_CHECK_CHOICES,
     STATE_CHOICES,
@@ -293,7 +294,7 @@ def main() -> None:
     try:
         outcome = restore_guest(request, check_mode=module.check_mode)
     except SaveStateError as error:
-        module.fail_json(msg=str(error))
+        module.fail_json(msg=json_text(str(error)))
 
     result = dict(changed=outcome.changed, msg=outcome.msg, guest=outcome.guest)
     if outcome.image is not None:
@@ -306,7 +307,7 @@ def main() -> None:
         result["qmp_trace"] = outcome.trace
     for warning in outcome.warnings:
         module.warn(warning)
-    module.exit_json(**result)
+    module.exit_json(**json_safe(result))
 
 
 if __name__ == "__main__":

@@ -269,6 +269,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
     QEMU_QMP_REQUIREMENT,
     QMP_COMMON_ARGS,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe, json_text
 from ansible_collections.savestate.qemu.plugins.module_utils._save import (
     AFTER_SAVE_CHOICES,
     RESTORE_STATE_CHOICES,
@@ -326,7 +327,7 @@ def main() -> None:
     try:
         outcome = save_guest(build_request(module.params), check_mode=module.check_mode)
     except SaveStateError as error:
-        module.fail_json(msg=str(error))
+        module.fail_json(msg=json_text(str(error)))
 
     changed = outcome.changed
     if outcome.image is not None and not module.check_mode:
@@ -346,7 +347,7 @@ def main() -> None:
         result["qmp_trace"] = outcome.trace
     for warning in outcome.warnings:
         module.warn(warning)
-    module.exit_json(**result)
+    module.exit_json(**json_safe(result))
 
 
 if __name__ == "__main__":

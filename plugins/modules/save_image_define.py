@@ -230,6 +230,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image_define impor
     define_image,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe, json_text
 
 
 def _state_name(was_running: bool) -> str:
@@ -276,13 +277,13 @@ def main() -> None:
     try:
         outcome = define_image(path, _request(module), check_mode=module.check_mode)
     except SaveStateError as error:
-        module.fail_json(msg=str(error))
+        module.fail_json(msg=json_text(str(error)))
     result = dict(changed=outcome.changed, recovered=outcome.recovered,
                   image=describe_image(outcome.after, outcome.record), xml=outcome.after.xml,
                   authenticated=outcome.authenticated)
     if module._diff:
         result["diff"] = _diff(path, outcome)
-    module.exit_json(**result)
+    module.exit_json(**json_safe(result))
 
 
 if __name__ == "__main__":

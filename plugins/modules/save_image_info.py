@@ -231,6 +231,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import Save
 from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import open_image
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image
 from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, ImageKeyError, load_key
+from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe, json_text
 
 
 def _host_key() -> tuple[Optional[ImageKey], Optional[str]]:
@@ -257,10 +258,11 @@ def main() -> None:
             if problem and key_problem and key is None:
                 problem = key_problem
     except SaveStateError as error:
-        module.fail_json(msg=str(error))
-    module.exit_json(changed=False, image=describe_image(image, record), xml=image.xml, cookie=image.cookie,
-                     origin=record.origin, metadata=record.metadata(), authenticated=problem is None,
-                     authentication_problem=problem)
+        module.fail_json(msg=json_text(str(error)))
+    module.exit_json(**json_safe(dict(
+        changed=False, image=describe_image(image, record), xml=image.xml, cookie=image.cookie,
+        origin=record.origin, metadata=record.metadata(), authenticated=problem is None,
+        authentication_problem=problem)))
 
 
 if __name__ == "__main__":

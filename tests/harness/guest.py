@@ -32,7 +32,8 @@ from harness.qemu import SYSTEM_QEMU, QemuBuild
 
 TICK = re.compile(rb"^tick (\d+)\r?$", re.MULTILINE)
 ACCEL = os.environ.get("SAVESTATE_TEST_ACCEL", "tcg")
-QMP_STYLES = ("unix", "tcp", "chardev", "pretty", "none")  # none: extra_args bring the monitor
+QMP_STYLES = ("unix", "tcp", "chardev", "pretty")
+NO_QMP = "none"  # the guest's extra_args bring its monitor
 
 
 def free_tcp_port() -> int:
@@ -57,6 +58,7 @@ class GuestSpec:
     machine: str = "pc"
     extra_args: tuple[str, ...] = ()
     user: str | None = None  # run QEMU as this user (its work directory is given to it)
+    run_in_workdir: bool = False  # start QEMU with its work directory as its working directory
 
     @property
     def memory(self) -> int:
@@ -67,8 +69,8 @@ class Guest:
     """One QEMU process running the test guest, in its own work directory."""
 
     def __init__(self, spec: GuestSpec, workdir: Path) -> None:
-        if spec.qmp not in QMP_STYLES:
-            raise ValueError(f"qmp must be one of {QMP_STYLES}")
+        if spec.qmp not in QMP_STYLES + (NO_QMP,):
+            raise ValueError(f"qmp must be one of {QMP_STYLES + (NO_QMP,)}")
         self.spec = spec
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -98,7 +100,7 @@ class Guest:
             return ["-qmp-pretty", unix]
         if self.spec.qmp == "tcp":
             return ["-qmp", f"tcp:127.0.0.1:{self.tcp_port},server=on,wait=off"]
-        if self.spec.qmp == "none":
+        if self.spec.qmp == NO_QMP:
             return []
         return ["-chardev", f"socket,id=monitor0,path={self.qmp_socket},server=on,wait=off",
                 "-mon", "chardev=monitor0,mode=control"]
@@ -137,7 +139,8 @@ class Guest:
         log = self.qemu_log.open("ab")
         self.process = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, start_new_session=True,
-                                        env={**os.environ, **self.spec.qemu.env}, **self._identity())
+                                        env={**os.environ, **self.spec.qemu.env},
+                                        cwd=self.workdir if self.spec.run_in_workdir else None, **self._identity())
         log.close()
         self.wait_ready(ready_timeout)
         return self
