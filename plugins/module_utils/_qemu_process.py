@@ -265,4 +265,3 @@ class LaunchedQemu:
 
     def remove_log(self) -> None:
         remove_qemu_log(self.log_path)
-

@@ -62,7 +62,7 @@ def main(path: str, log_path: str) -> None:
         log.write("listening\n")
         log.flush()
         while True:
-            conn, _ = server.accept()
+            conn = server.accept()[0]
             log.write("connection\n")
             log.flush()
             try:

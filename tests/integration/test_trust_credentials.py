@@ -33,7 +33,7 @@ def real_ids(pid: int) -> tuple[int, int, tuple[int, ...]]:
     fields = {}
     with open(f"/proc/{pid}/status", encoding="utf-8") as status:
         for line in status:
-            key, _, value = line.partition(":")
+            key, value = line.split(":", 1)
             fields[key] = value.split()
     return int(fields["Uid"][0]), int(fields["Gid"][0]), tuple(sorted(int(g) for g in fields["Groups"]))
 
@@ -97,8 +97,6 @@ def test_another_users_qemu_holding_the_name_and_uuid_is_a_conflict(qemu, guest_
         message = failed(restore(path, state="running"))
         assert str(impostor.pid) in message and "uid" in message, message
         assert path.read_bytes() == before
-        status = subprocess.run(AS_NOBODY + [sys.executable, "-c", "print('ok')"], capture_output=True, text=True)
-        assert status.returncode == 0
     finally:
         kill_and_wait(impostor.pid)
         impostor.wait()
