@@ -53,7 +53,9 @@ options:
         after the save).
       - Such an image's command line, which decides what QEMU runs, is not known to come from a
         save on this host or its fleet. Set this only for images whose origin you trust.
-      - See docs/image-format.md and the savestate.qemu.image_key role (one key for a fleet).
+      - Even then QEMU never runs as root, it runs as the image file's owner if that is not root, else as
+        the user the image records if that is not root; otherwise the restore is refused.
+      - See docs/security.md, docs/image-format.md and the savestate.qemu.image_key role (one key for a fleet).
     type: bool
     default: false
   path:
@@ -206,6 +208,20 @@ guest:
       description: Always V(none).
       type: str
       sample: none
+    user:
+      description:
+        - Whose credentials the restored QEMU runs with, the saved QEMU's, never more (the collection's
+          C(docs/security.md) explains the trust model).
+      type: str
+      returned: when the guest was restored
+      sample: "user 'qemu' (uid 64055), gid 64055, groups 64055"
+    unit:
+      description:
+        - The systemd unit the restored QEMU runs in, V(null) when none. Its C(name), C(kind)
+          (V(persistent), V(transient) or V(scope)) and the C(properties) it was recreated with.
+      type: dict
+      returned: when the guest was restored
+      sample: {"name": "qemu@web1.service", "kind": "persistent", "properties": {}}
 image:
   description:
     - The image, the same dict as M(savestate.qemu.save_image_info) returns (see there for its keys).
