@@ -1,7 +1,8 @@
 """The QEMU builds the tests run on: the system's 10.0 and an unpacked 7.2.
 
 QEMU 10.0 comes from bookworm-backports and is installed normally. QEMU 7.2 is
-Debian 12's own build, unpacked (not installed) into ``.cache/qemu-7.2`` from the
+Debian 12's own build, unpacked (not installed) into ``/var/cache/savestate-qemu/qemu-7.2`` (root-owned
+directories, as the modules require of an emulator they run) from the
 qemu-system-x86, qemu-system-common (accelerator modules) and qemu-system-data
 (firmware) packages. QEMU finds its modules relative to its own binary; guests
 started by the harness pass ``-L`` at the unpacked firmware directory, into which
@@ -20,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from harness.assets import run, deb_field, download_deb
-from harness.paths import CACHE_DIR
+from harness.paths import SHARED_CACHE_DIR
 
-QEMU72_DIR = CACHE_DIR / "qemu-7.2"
+QEMU72_DIR = SHARED_CACHE_DIR / "qemu-7.2"
 QEMU72_PACKAGES = ("qemu-system-x86", "qemu-system-common", "qemu-system-data")
 # Firmware that Debian's qemu-system-data leaves to other packages.
 EXTERNAL_FIRMWARE_DIRS = (Path("/usr/share/seabios"), Path("/usr/lib/ipxe/qemu"))
@@ -89,6 +90,8 @@ def ensure_qemu72() -> QemuBuild:
     if QEMU72_DIR.exists():
         shutil.rmtree(QEMU72_DIR)
     QEMU72_DIR.mkdir(parents=True)
+    for directory in (QEMU72_DIR.parent, QEMU72_DIR):
+        directory.chmod(0o755)
     debs = []
     for package in QEMU72_PACKAGES:
         package_version = _newest(_madison_72(package))

@@ -45,6 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from harness.paths import CACHE_DIR, HARNESS_DIR, PROJECT_ROOT
+from harness.qemu import QEMU72_DIR
 
 CACHE_ROOT = Path(os.environ.get("SAVESTATE_SYSTEMD_HOST_CACHE", "/var/cache/savestate-qemu"))
 MIRROR = "http://deb.debian.org/debian"
@@ -53,7 +54,7 @@ MACHINE = "savestate-hv"
 TEST_USER = "tester"
 VENV_IN_HOST = "/opt/savestate-venv"
 GUEST_ASSETS_IN_HOST = "/opt/savestate-guest"
-# Debian 12's own QEMU 7.2, unpacked by harness.qemu into .cache/qemu-7.2, bound in read-only.
+# Debian 12's own QEMU 7.2, unpacked by harness.qemu into QEMU72_DIR, bound in read-only.
 QEMU72_IN_HOST = "/opt/qemu-7.2"
 KEYS_IN_HOST = "/etc/savestate-test"
 # The working tree, read-only, where Python finds it as the collection (services in the host use it).
@@ -271,7 +272,7 @@ class SystemdHost:
         argv = ["systemd-nspawn", "--boot", "--quiet", "-D", str(self.merged), f"--machine={MACHINE}",
                 "--keep-unit", "--register=no", "--private-network", "--console=passive",
                 f"--bind-ro={self.guest_assets}:{GUEST_ASSETS_IN_HOST}",
-                *([f"--bind-ro={CACHE_DIR / 'qemu-7.2'}:{QEMU72_IN_HOST}"] if (CACHE_DIR / "qemu-7.2").is_dir() else []),
+                *([f"--bind-ro={QEMU72_DIR}:{QEMU72_IN_HOST}"] if QEMU72_DIR.is_dir() else []),
                 f"--bind-ro={self.keys}:{KEYS_IN_HOST}", f"--bind-ro={PROJECT_ROOT}:{COLLECTION_IN_HOST}"]
         env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
         with open(self.console_log, "ab") as log:

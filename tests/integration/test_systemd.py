@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.paths import CACHE_DIR
+from harness.qemu import QEMU72_DIR
 from harness.qemu import selected_builds
 from harness.systemd_host import GUEST_ASSETS_IN_HOST, QEMU72_IN_HOST, SystemdHost, unavailable_reason
 
@@ -45,7 +45,7 @@ def qemu_param(version: str, *before: str) -> object:
     marks = []
     if version not in SELECTED:
         marks.append(pytest.mark.skip(reason=f"QEMU {version} not selected (SAVESTATE_TEST_QEMU)"))
-    elif version == "7.2" and not (CACHE_DIR / "qemu-7.2").is_dir():
+    elif version == "7.2" and not QEMU72_DIR.is_dir():
         marks.append(pytest.mark.skip(reason="QEMU 7.2 is not unpacked in .cache (make setup)"))
     return pytest.param(*before, version, marks=marks, id="-".join([*before, f"qemu-{version}"]))
 

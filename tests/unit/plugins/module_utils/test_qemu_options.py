@@ -18,7 +18,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._qemu_options impor
 
 ROOT = Path(__file__).resolve().parents[4]
 BUILDS = {
-    "7.2": ROOT / ".cache" / "qemu-7.2" / "usr" / "bin" / "qemu-system-x86_64",
+    "7.2": Path("/var/cache/savestate-qemu/qemu-7.2/usr/bin/qemu-system-x86_64"),
     "10.0": Path("/usr/bin/qemu-system-x86_64"),
 }
 HELP_COLUMN = 16  # QEMU's help text starts its descriptions in this column
