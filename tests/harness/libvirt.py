@@ -67,9 +67,19 @@ class EmbeddedLibvirt:
         (root / "etc" / "qemu.conf").write_text(QEMU_CONF)
         self._defined: list[str] = []
 
-    def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        result = subprocess.run(["virsh", "-q", "-c", self.uri, *args],
-                                capture_output=True, text=True, check=False)
+    def virsh(self, *args: str, check: bool = True, query: bool = False) -> subprocess.CompletedProcess[str]:
+        """Run virsh on the embedded driver; ``query`` commands are retried after a silent failure.
+
+        In embedded mode every virsh starts the driver afresh; on a loaded machine it
+        sometimes exits non-zero having printed only its start-up log lines (no
+        error), before running the command. A query is safe to ask again.
+        """
+        for _attempt in range(3 if query else 1):
+            result = subprocess.run(["virsh", "-q", "-c", self.uri, *args],
+                                    capture_output=True, text=True, check=False)
+            if result.returncode == 0 or "error" in result.stderr.lower():
+                break
+            time.sleep(0.5)
         if check and result.returncode != 0:
             errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
             raise LibvirtError("\n".join(errors) or result.stderr.strip()
@@ -120,7 +130,7 @@ class EmbeddedLibvirt:
         self.virsh("restore", str(path), *extra)
 
     def domain_state(self, name: str) -> str:
-        return self.virsh("domstate", name).stdout.strip()
+        return self.virsh("domstate", name, query=True).stdout.strip()
 
     def qemu_pid(self, name: str) -> int | None:
         pidfile = self.root / "run" / "qemu" / f"{name}.pid"
@@ -130,7 +140,7 @@ class EmbeddedLibvirt:
             return None
 
     def running_domains(self) -> list[str]:
-        out = self.virsh("list", "--name", check=False).stdout
+        out = self.virsh("list", "--name", check=False, query=True).stdout
         return [line.strip() for line in out.splitlines() if line.strip()]
 
     def close(self) -> None:
