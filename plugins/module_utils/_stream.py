@@ -481,7 +481,7 @@ class Stream:
             # missed), and asking is also how we notice that QEMU itself died (the monitor
             # hangs up: MonitorClosedError, at once).
             info = self._query_migrate(deadline)
-            status = info.get("status", "busy")
+            status = "busy" if info is None else info.get("status", "none")
             if status in TERMINAL_STATUSES:
                 break
             helper_failure = self.helper.failure() if self.helper else None
@@ -494,23 +494,23 @@ class Stream:
                 raise MigrationError(f"the migration did not finish within the timeout of {timeout:g} s "
                                      f"({state}); it was cancelled")
         if status != "completed":
-            raise MigrationError(self._failure_message(info))
+            raise MigrationError(self._failure_message(info or {}))
         if self.helper is not None:
             self.helper.wait(max(deadline - time.monotonic(), 10.0))
-        return info
+        return info or {}
 
-    def _query_migrate(self, deadline: float) -> dict[str, Any]:
+    def _query_migrate(self, deadline: float) -> Optional[dict[str, Any]]:
         """``query-migrate``, waiting for the answer as long as the whole operation may last.
 
-        QEMU loads an incoming stream in its main loop and completes an outgoing one
-        holding its big lock: over a slow disk it may not answer for minutes while the
-        stream flows. That is slowness, not failure: only the overall deadline ends the
-        wait. No answer by then is an empty reply, and the caller's deadline check says why.
+        QEMU loads an incoming stream in its main loop (a mapped-ram image in one go) and
+        completes an outgoing one holding its big lock: over a slow disk it may not answer
+        for minutes while the stream flows. That is slowness, not failure: only the overall deadline ends the
+        wait. No answer by then is None, and the caller's deadline check says why.
         """
         try:
             return self.monitor.query_migrate(timeout=time_left(deadline, EVENT_SLICE))
         except MonitorTimeoutError:
-            return {}
+            return None
 
     def _await_migration_event(self, timeout: float) -> None:
         """Return when QEMU announces a terminal MIGRATION status, or after ``timeout``."""
