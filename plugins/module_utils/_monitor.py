@@ -555,9 +555,9 @@ class Monitor:
 
     # -- typed helpers ---------------------------------------------------------------
 
-    def status(self) -> str:
+    def status(self, timeout: float | None = None) -> str:
         """QEMU's run state: running, paused, postmigrate, inmigrate, prelaunch, ..."""
-        return self._field("query-status", "status", str)
+        return self._field("query-status", "status", str, timeout)
 
     def running(self) -> bool:
         return self._field("query-status", "running", bool)
@@ -617,8 +617,8 @@ class Monitor:
     def migration_parameters(self) -> dict[str, Any]:
         return self._dict("query-migrate-parameters")
 
-    def query_migrate(self) -> dict[str, Any]:
-        return self._dict("query-migrate")
+    def query_migrate(self, timeout: float | None = None) -> dict[str, Any]:
+        return self._dict("query-migrate", timeout)
 
     def migration_blockers(self) -> list[str]:
         """Why an outgoing migration would be refused (QEMU >= 6.0 reports ``blocked-reasons``)."""
@@ -633,8 +633,8 @@ class Monitor:
         return MonitorError(f"The QMP peer at {self.endpoint} answered {command!r} with {what}; "
                             "it does not behave like QEMU.")
 
-    def _dict(self, command: str) -> dict[str, Any]:
-        reply = self.execute(command)
+    def _dict(self, command: str, timeout: float | None = None) -> dict[str, Any]:
+        reply = self.execute(command, timeout=timeout)
         if not isinstance(reply, dict):
             raise self._malformed(command, "something that is not an object")
         return dict(reply)
@@ -645,8 +645,8 @@ class Monitor:
             raise self._malformed(command, "something that is not a list")
         return reply
 
-    def _field(self, command: str, key: str, kind: type) -> Any:
-        value = self._dict(command).get(key)
+    def _field(self, command: str, key: str, kind: type, timeout: float | None = None) -> Any:
+        value = self._dict(command, timeout).get(key)
         # bool is an int in Python; a size or a count must be a real integer.
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise self._malformed(command, f"no {kind.__name__} {key!r}")

@@ -96,6 +96,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._stream import (
     MigrationSettings,
     Stream,
     plan_restore,
+    time_left,
 )
 
 STATE_CHOICES = ("as_saved", "running", "paused")
@@ -501,13 +502,15 @@ class GuestRestorer:
 
     def _load(self, qemu: LaunchedQemu, monitor_socket: PrivateMonitor | UnitMonitor) -> tuple[dict[str, Any], str]:
         monitor = self._connect(qemu, monitor_socket)
+        deadline = time.monotonic() + self.request.timeout
         try:
             with monitor:
                 self._check_runs_as_expected(qemu)
                 stats = self._stream_in(monitor, qemu)
+                # Right after a slow load QEMU may still be busy: wait as long as the restore may take.
                 if self.target == "running":
-                    monitor.execute("cont")
-                state = monitor.status()
+                    monitor.execute("cont", timeout=time_left(deadline, monitor.command_timeout))
+                state = monitor.status(timeout=time_left(deadline, monitor.command_timeout))
                 if state != self.target:
                     raise MigrationError(f"the guest is {state} after the restore, not {self.target}")
         except MonitorError as error:

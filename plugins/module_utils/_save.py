@@ -91,6 +91,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._stream import (
     Stream,
     StreamPlan,
     plan_save,
+    time_left,
 )
 
 AFTER_SAVE_CHOICES = ("stop", "running", "paused")
@@ -530,7 +531,8 @@ class GuestSaver:
     def _wait_for_orphan_migration(self) -> dict[str, Any]:
         deadline = time.monotonic() + self.request.timeout
         while True:
-            info = self.monitor.query_migrate()
+            # A busy QEMU (still streaming over a slow disk) answers late: that is no failure.
+            info = self.monitor.query_migrate(timeout=time_left(deadline, 1.0))
             if info.get("status") in ("none", "completed", "failed", "cancelled"):
                 return info
             if time.monotonic() > deadline:

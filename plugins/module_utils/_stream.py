@@ -59,8 +59,19 @@ POLL_INTERVAL = 0.05
 EVENT_SLICE = 0.25
 # Bigger socket buffers than the default let QEMU and the compressor run in parallel.
 SOCKET_BUFFER_BYTES = 4 * 1024 * 1024
+# How long a cancel may wait for QEMU to let go of the stream (it has to flush what it holds).
+CANCEL_TIMEOUT = 30.0
 FD_NAME = "savestate-stream"
 FDSET_OPAQUE = "savestate-stream"
+
+
+def time_left(deadline: float, floor: float) -> float:
+    """Seconds until ``deadline`` (``time.monotonic()``), never less than ``floor``.
+
+    What bounds a QMP call made while a stream flows or right after it: the time the
+    operation has left, not the monitor's fixed per-command limit.
+    """
+    return max(deadline - time.monotonic(), floor)
 
 
 @dataclass(frozen=True)
@@ -467,9 +478,10 @@ class Stream:
         while True:
             self._await_migration_event(min(EVENT_SLICE, max(deadline - time.monotonic(), 0.001)))
             # Asked after every event or slice: the status is the truth (an event can be
-            # missed), and asking is also how we notice that QEMU itself died.
-            info = self.monitor.query_migrate()
-            status = info.get("status", "none")
+            # missed), and asking is also how we notice that QEMU itself died (the monitor
+            # hangs up: MonitorClosedError, at once).
+            info = self._query_migrate(deadline)
+            status = "busy" if info is None else info.get("status", "none")
             if status in TERMINAL_STATUSES:
                 break
             helper_failure = self.helper.failure() if self.helper else None
@@ -478,13 +490,27 @@ class Stream:
                 raise MigrationError(helper_failure)
             if time.monotonic() > deadline:
                 self.cancel()
-                raise MigrationError(f"the migration did not finish within {timeout:g} s "
-                                     f"(QEMU status {status}); it was cancelled")
+                state = "QEMU was too busy to answer" if status == "busy" else f"QEMU status {status}"
+                raise MigrationError(f"the migration did not finish within the timeout of {timeout:g} s "
+                                     f"({state}); it was cancelled")
         if status != "completed":
-            raise MigrationError(self._failure_message(info))
+            raise MigrationError(self._failure_message(info or {}))
         if self.helper is not None:
             self.helper.wait(max(deadline - time.monotonic(), 10.0))
-        return info
+        return info or {}
+
+    def _query_migrate(self, deadline: float) -> Optional[dict[str, Any]]:
+        """``query-migrate``, waiting for the answer as long as the whole operation may last.
+
+        QEMU loads an incoming stream in its main loop (a mapped-ram image in one go) and
+        completes an outgoing one holding its big lock: over a slow disk it may not answer
+        for minutes while the stream flows. That is slowness, not failure: only the overall deadline ends the
+        wait. No answer by then is None, and the caller's deadline check says why.
+        """
+        try:
+            return self.monitor.query_migrate(timeout=time_left(deadline, EVENT_SLICE))
+        except MonitorTimeoutError:
+            return None
 
     def _await_migration_event(self, timeout: float) -> None:
         """Return when QEMU announces a terminal MIGRATION status, or after ``timeout``."""
@@ -528,9 +554,10 @@ class Stream:
         if not self.outgoing:
             return
         try:
-            self.monitor.execute("migrate_cancel")
-            deadline = time.monotonic() + 30
-            while self.monitor.query_migrate().get("status") not in TERMINAL_STATUSES + ("none",):
+            deadline = time.monotonic() + CANCEL_TIMEOUT
+            self.monitor.execute("migrate_cancel", timeout=CANCEL_TIMEOUT)
+            while self.monitor.query_migrate(timeout=time_left(deadline, POLL_INTERVAL)).get("status") \
+                    not in TERMINAL_STATUSES + ("none",):
                 if time.monotonic() > deadline:
                     break
                 time.sleep(POLL_INTERVAL)
