@@ -81,7 +81,7 @@ def test_timeout_cancels_and_resumes(qemu, guest_factory, workdir):
     path = workdir / "slow.save"
     earlier = _earlier_image(guest, path)
 
-    failed(save(guest, path, format="xz", timeout=1), "did not finish within 1 s", "cancelled")
+    failed(save(guest, path, format="xz", timeout=1), "did not finish within the timeout of 1 s", "cancelled")
     assert guest.status() == "running" and path.read_bytes() == earlier
     assert leftovers(workdir) == [] and stray_helpers() == []
 
