@@ -25,6 +25,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._sockets import (
     unix_path_of_fd,
 )
 
+
 def me() -> ProcessRef:
     """This process (at test time: ansible-test units may run each test in a fork)."""
     return ProcessRef(os.getpid(), Path("/proc/self/comm").read_text().strip())
