@@ -589,8 +589,8 @@ def check_abi_stability(old: GuestRecord, new: GuestRecord) -> None:
     """
     for before, after, message in _abi_comparisons(old, new):
         if before != after:
-            raise ABIStabilityError("unsupported configuration: "
-                                    + message.format(new=_shown(after), old=_shown(before)))
+            detail = message.format(new=_shown(after), old=_shown(before))
+            raise ABIStabilityError(f"unsupported configuration: {detail}")
 
 
 # --- targeted edits -----------------------------------------------------------------

@@ -505,10 +505,15 @@ def finalize_image(fd: int, header: SaveHeader) -> SaveHeader:
 # ignored and removed; it is never opened in a way that can block or follow a link.
 
 JOURNAL_DIR = "journals"
-_JOURNAL_MAGIC = b"SSQJRNL2"
-# magic, device, inode, size of the image, length of the saved bytes, sha256 of the rest
-_JOURNAL_HEAD = struct.Struct("<8sQQQI32s")
-_JOURNAL_IDENTITY = struct.Struct("<QQQI")
+_JOURNAL_MAGIC = b"SSQJRNL3"
+# magic, device, inode, size of the image, sha256 of the stream's first bytes, length of the
+# saved bytes, sha256 of the rest
+_JOURNAL_HEAD = struct.Struct("<8sQQQ32sI32s")
+_JOURNAL_IDENTITY = struct.Struct("<QQQ32sI")
+# A journal names its image by device, inode and size, and by the first bytes of its stream
+# (which an edit never touches): another image that got the same inode after the first was
+# deleted is told apart by its content, so a stale journal is never rolled into it.
+_STREAM_SAMPLE = 64 * 1024
 _JOURNAL_MAX = _JOURNAL_HEAD.size + HEADER_SIZE + MAX_DATA_LEN
 
 
@@ -533,19 +538,23 @@ def _open_journal_dir(create: bool) -> Optional[int]:
     return open_private_dir(journal_directory(), create=create)
 
 
-def _journal_identity(info: os.stat_result) -> tuple[int, int, int]:
-    # An in-place rewrite never changes the size: a journal for another size is stale.
-    return info.st_dev, info.st_ino, info.st_size
+_Identity = tuple[int, int, int, bytes]
 
 
-def _encode_journal(identity: tuple[int, int, int], old_bytes: bytes) -> bytes:
+def _journal_identity(fd: int, info: os.stat_result, stream_offset: int) -> _Identity:
+    # An in-place rewrite never changes the size nor the stream: a journal for another is stale.
+    sample = os.pread(fd, _STREAM_SAMPLE, stream_offset)
+    return info.st_dev, info.st_ino, info.st_size, hashlib.sha256(sample).digest()
+
+
+def _encode_journal(identity: _Identity, old_bytes: bytes) -> bytes:
     digest = hashlib.sha256(_JOURNAL_IDENTITY.pack(*identity, len(old_bytes)) + old_bytes).digest()
     return _JOURNAL_HEAD.pack(_JOURNAL_MAGIC, *identity, len(old_bytes), digest) + old_bytes
 
 
 @dataclass(frozen=True)
 class _Journal:
-    identity: tuple[int, int, int]
+    identity: _Identity
     old_bytes: bytes
 
 
@@ -553,16 +562,16 @@ def _decode_journal(raw: bytes) -> Optional[_Journal]:
     """The journal, or None if it is not a whole, intact one (a crash while writing it)."""
     if len(raw) < _JOURNAL_HEAD.size:
         return None
-    magic, dev, ino, size, length, digest = _JOURNAL_HEAD.unpack(raw[:_JOURNAL_HEAD.size])
+    magic, dev, ino, size, stream_digest, length, digest = _JOURNAL_HEAD.unpack(raw[:_JOURNAL_HEAD.size])
     old_bytes = raw[_JOURNAL_HEAD.size:]
     if magic != _JOURNAL_MAGIC or len(old_bytes) != length or length < HEADER_SIZE:
         return None
-    if hashlib.sha256(_JOURNAL_IDENTITY.pack(dev, ino, size, length) + old_bytes).digest() != digest:
+    if hashlib.sha256(_JOURNAL_IDENTITY.pack(dev, ino, size, stream_digest, length) + old_bytes).digest() != digest:
         return None
     old_header = _header_or_none(old_bytes)
     if old_header is None or old_header.stream_offset != length:
         return None  # it must hold exactly a header and its data area
-    return _Journal((dev, ino, size), old_bytes)
+    return _Journal((dev, ino, size, stream_digest), old_bytes)
 
 
 @dataclass(frozen=True)
@@ -610,11 +619,19 @@ def _find_journal(info: os.stat_result) -> _JournalEntry:
         os.close(dir_fd)
 
 
-def _journal_applies(entry: _JournalEntry, info: os.stat_result) -> bool:
+def _journal_applies(entry: _JournalEntry, fd: int, info: os.stat_result) -> bool:
     """A damaged journal of ours counts as applying: we cannot tell, so we keep the image suspect."""
     if entry.kind == "damaged":
         return True
-    return entry.kind == "intact" and entry.journal is not None and entry.journal.identity == _journal_identity(info)
+    return _intact_for(entry, fd, info) is not None
+
+
+def _intact_for(entry: _JournalEntry, fd: int, info: os.stat_result) -> Optional[_Journal]:
+    """The entry's journal if it is intact and was written for the image open at ``fd``."""
+    journal = entry.journal
+    if entry.kind != "intact" or journal is None:
+        return None
+    return journal if journal.identity == _journal_identity(fd, info, len(journal.old_bytes)) else None
 
 
 def check_no_pending_journal(path: str, fd: int) -> None:
@@ -624,7 +641,7 @@ def check_no_pending_journal(path: str, fd: int) -> None:
     except OSError as error:
         raise ImageError(f"{path}: cannot read the save image: {error.strerror or error}") from None
     entry = _find_journal(info)
-    if _journal_applies(entry, info):
+    if _journal_applies(entry, fd, info):
         raise ImageError(
             f"{path}: an interrupted save_image_define left a journal ({entry.path}); the image may be "
             "half rewritten. Run savestate.qemu.save_image_define on this path again (any options) to roll "
@@ -633,7 +650,7 @@ def check_no_pending_journal(path: str, fd: int) -> None:
 
 def has_pending_journal_fd(fd: int) -> bool:
     info = os.fstat(fd)
-    return _journal_applies(_find_journal(info), info)
+    return _journal_applies(_find_journal(info), fd, info)
 
 
 def _remove_journal_entry(info: os.stat_result) -> None:
@@ -663,9 +680,9 @@ def recover_interrupted_rewrite_fd(fd: int, path: str) -> bool:
     if entry.kind == "none":
         return False
     try:
-        if entry.kind == "intact" and entry.journal is not None \
-                and entry.journal.identity == _journal_identity(info):
-            _pwrite_all(fd, entry.journal.old_bytes, 0)
+        journal = _intact_for(entry, fd, info)
+        if journal is not None:
+            _pwrite_all(fd, journal.old_bytes, 0)
             os.fsync(fd)
     except OSError as error:
         raise ImageError(f"{path}: cannot roll back the interrupted edit from {entry.path}: "
@@ -677,11 +694,13 @@ def recover_interrupted_rewrite_fd(fd: int, path: str) -> bool:
 def _write_journal(path: str, fd: int, old_bytes: bytes) -> None:
     info = os.fstat(fd)
     name = _journal_name(info)
-    record = _encode_journal(_journal_identity(info), old_bytes)
+    record = _encode_journal(_journal_identity(fd, info, len(old_bytes)), old_bytes)
     dir_fd = _open_journal_dir(create=True)
     try:
         entry = _read_journal_entry(dir_fd, name, journal_path_for(info))
-        if entry.kind == "foreign":
+        # A journal of ours for another file that had this device and inode (deleted since,
+        # so another size or stream) is stale: it must not block this image's edits for ever.
+        if entry.kind == "foreign" or (entry.kind == "intact" and not _journal_applies(entry, fd, info)):
             os.unlink(name, dir_fd=dir_fd)
         try:
             journal_fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -773,9 +792,10 @@ def journal_pread(fd: int) -> Optional[_Pread]:
     """
     info = os.fstat(fd)
     entry = _find_journal(info)
-    if entry.kind != "intact" or entry.journal is None or entry.journal.identity != _journal_identity(info):
+    journal = _intact_for(entry, fd, info)
+    if journal is None:
         return None
-    saved = entry.journal.old_bytes
+    saved = journal.old_bytes
 
     def pread(size: int, offset: int) -> bytes:
         head = saved[offset:offset + size] if offset < len(saved) else b""

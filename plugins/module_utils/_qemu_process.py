@@ -201,6 +201,7 @@ class LaunchedQemu:
             if self.placement.starts_in_unit:
                 self.process: Any = self.placement.launch(argv, cwd, self.log_path)
             else:
+                # pylint: disable-next=ansible-bad-function  # QEMU outlives this call; run_command waits for its command
                 self.process = subprocess.Popen(self._popen_argv(argv), stdin=subprocess.DEVNULL,
                                                 stdout=log_fd, stderr=log_fd, cwd=cwd, close_fds=True,
                                                 pass_fds=tuple(pass_fds), start_new_session=True,

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Optional
 
+from ansible_collections.savestate.qemu.plugins.module_utils._commands import output_of, run_bounded
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import MigrationError, PreconditionError
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_gone, process_started_at, read_cgroup
 
@@ -109,13 +110,9 @@ def systemd_booted() -> bool:
 
 def _systemctl(*args: str, check: bool = True) -> str:
     argv = ["systemctl", *args]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT,
-                              stdin=subprocess.DEVNULL, check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise PreconditionError(f"'{' '.join(argv)}' failed: {error}") from None
+    done = run_bounded(argv, SYSTEMCTL_TIMEOUT)
     if check and done.returncode != 0:
-        raise PreconditionError(f"'{' '.join(argv)}' failed: {(done.stderr or done.stdout).strip()}")
+        raise PreconditionError(f"'{' '.join(argv)}' failed: {output_of(done)}")
     return done.stdout
 
 
@@ -361,9 +358,9 @@ class Placement:
                 raise
         elif self.kind == KIND_TRANSIENT:
             options = [f"--property={key}={value}" for key, value in self.properties if key not in RESTORE_OWNED]
-            _systemctl_run(["--unit", self.unit or "", "--quiet", "--collect", "--service-type=simple",
-                            f"--working-directory={cwd}", f"--property=StandardOutput=append:{log_path}",
-                            "--property=StandardError=inherit", *_ordering(), *options, "--", *argv])
+            _systemd_run(["--unit", self.unit or "", "--quiet", "--collect", "--service-type=simple",
+                          f"--working-directory={cwd}", f"--property=StandardOutput=append:{log_path}",
+                          "--property=StandardError=inherit", *_ordering(), *options, "--", *argv])
         else:
             raise PreconditionError(f"cannot launch a guest in a {self.kind} unit")
         return UnitProcess(self._main_pid(), self.unit or "")
@@ -413,15 +410,10 @@ def _ordering() -> list[str]:
     return [f"--property=Before={GUESTS_TARGET}"]
 
 
-def _systemctl_run(args: list[str]) -> None:
-    argv = ["systemd-run", *args]
-    try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=SYSTEMCTL_TIMEOUT,
-                              stdin=subprocess.DEVNULL, check=False)
-    except (OSError, subprocess.TimeoutExpired) as error:
-        raise PreconditionError(f"systemd-run failed: {error}") from None
+def _systemd_run(args: list[str]) -> None:
+    done = run_bounded(["systemd-run", *args], SYSTEMCTL_TIMEOUT)
     if done.returncode != 0:
-        raise PreconditionError(f"systemd-run could not create the unit: {(done.stderr or done.stdout).strip()}")
+        raise PreconditionError(f"systemd-run could not create the unit: {output_of(done)}")
 
 
 def _unit_file_exists(unit: str) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: guest_info
 short_description: List the QEMU guests running on a host
-version_added: 0.1.0
+version_added: 1.0.0
 author:
   - savestate.qemu contributors (@savestate)
 description:

@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: restore
 short_description: Bring a QEMU guest back from a save image, in the state it was saved in
-version_added: 0.1.0
+version_added: 1.0.0
 author:
   - savestate.qemu contributors (@savestate)
 description:

@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: save
 short_description: Save a running QEMU guest's RAM and device state to a file
-version_added: 0.1.0
+version_added: 1.0.0
 author:
   - savestate.qemu contributors (@savestate)
 description:

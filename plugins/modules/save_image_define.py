@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: save_image_define
 short_description: Rewrite the domain XML or the restore state inside a QEMU save image
-version_added: 0.1.0
+version_added: 1.0.0
 description:
   - Changes what a finished save image says about its guest without touching the saved RAM and
     device state, like libvirt's C(virsh save-image-define). Typical use is pointing an image at

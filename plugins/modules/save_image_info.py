@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: save_image_info
 short_description: Read and validate a QEMU save image, ours or libvirt's
-version_added: 0.1.0
+version_added: 1.0.0
 description:
   - Reads the header and the domain XML of a QEMU save image, the file format of libvirt's
     C(virsh save) that M(savestate.qemu.save) also writes, and checks that the image is whole.

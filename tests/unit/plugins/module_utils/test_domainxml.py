@@ -27,7 +27,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import (
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import ABIStabilityError, DomainXMLError
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveHeader
 
-from unit.image_helpers import LIBVIRT_UUID, libvirt_image_bytes
+from ansible_collections.savestate.qemu.tests.unit.image_helpers import LIBVIRT_UUID, libvirt_image_bytes
 
 ODD_PATH = "/srv/vm images/it's \"quoted\"\nnew,line,,comma/ünï.qcow2"
 

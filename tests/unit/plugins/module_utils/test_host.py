@@ -25,7 +25,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     scan_host,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Endpoint, tcp_endpoint, unix_endpoint
-from unit.fake_qmp import FakeQMPServer
+from ansible_collections.savestate.qemu.tests.unit.fake_qmp import FakeQMPServer
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 UUID_A = "6f1e9a4c-3b1d-4c61-9a0e-3f5d2f0d6a11"

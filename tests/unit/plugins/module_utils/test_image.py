@@ -38,7 +38,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image import (
 
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, load_image
 
-from unit.image_helpers import (
+from ansible_collections.savestate.qemu.tests.unit.image_helpers import (
     FAKE_STREAMS,
     LIBVIRT_UUID,
     SIMPLE_COOKIE,
@@ -613,3 +613,25 @@ def test_rewrite_refuses_when_the_image_changed_under_it(tmp_path):
             rewrite_data_area(fd, image.header, NEW_XML, None, path=str(path))
     finally:
         os.close(fd)
+
+
+def test_journal_of_another_image_with_the_same_inode_and_size_is_stale(tmp_path):
+    """A deleted image's journal meets a new image with its inode and size: the stream tells them apart."""
+    earlier = make_image(tmp_path / "earlier.save", stream=b"QEVM" + b"\x01" * 4096, was_running=False)
+    later = make_image(tmp_path / "later.save", stream=b"QEVM" + b"\x02" * 4096, was_running=False)
+    assert earlier.stat().st_size == later.stat().st_size
+    old = earlier.read_bytes()[:92 + SaveHeader.unpack(earlier.read_bytes()[:92]).data_len]
+    fd = os.open(earlier, os.O_RDONLY)
+    try:
+        dev, ino, size, stream_digest = _image._journal_identity(fd, os.fstat(fd), len(old))
+    finally:
+        os.close(fd)
+    info = later.stat()
+    # As if `earlier` had been `later`'s inode, interrupted mid-edit, then deleted.
+    with open(journal_path(str(later)), "wb") as journal:
+        journal.write(_image._encode_journal((info.st_dev, info.st_ino, size, stream_digest), old))
+    before = later.read_bytes()
+    assert not read_image(str(later)).was_running  # readers are not blocked
+    assert recover_interrupted_rewrite(str(later))  # the stale journal is removed ...
+    assert later.read_bytes() == before  # ... and never rolled into this image
+    assert not os.path.exists(journal_path(str(later)))

@@ -22,7 +22,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image_define impor
 from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, load_key
 from ansible_collections.savestate.qemu.plugins.module_utils._restore import RestoreRequest, restore_guest
 
-from unit.image_helpers import make_savestate_image, savestate_record, write_libvirt_fixture
+from ansible_collections.savestate.qemu.tests.unit.image_helpers import make_savestate_image, savestate_record, write_libvirt_fixture
 
 NOBODY = 65534
 
@@ -201,8 +201,12 @@ def _forged_journal(path) -> bytes:
     data_len = SaveHeader.unpack(raw[:HEADER_SIZE]).data_len
     old = raw[:HEADER_SIZE + data_len].replace(b"<savestate:arg>-m</savestate:arg>", b"<savestate:arg>-M</savestate:arg>")
     assert old != raw[:HEADER_SIZE + data_len]
-    info = os.stat(path)
-    return _image._encode_journal((info.st_dev, info.st_ino, info.st_size), old)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        identity = _image._journal_identity(fd, os.fstat(fd), len(old))
+    finally:
+        os.close(fd)
+    return _image._encode_journal(identity, old)
 
 
 def _plant(path, kind, tmp_path):

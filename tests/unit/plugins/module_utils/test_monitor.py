@@ -29,7 +29,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
     parse_endpoint,
     redact,
 )
-from unit.fake_qmp import FakeQMPError, FakeQMPServer
+from ansible_collections.savestate.qemu.tests.unit.fake_qmp import FakeQMPError, FakeQMPServer
 
 # Slices of QEMU's real query-qmp-schema (type names are QEMU's opaque numbers).
 SCHEMA_10_0 = [

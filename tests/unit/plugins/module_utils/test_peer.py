@@ -26,12 +26,13 @@ from ansible_collections.savestate.qemu.plugins.module_utils._peer import (
     verify_peer,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import socket_inodes
-from unit.fake_qmp import FakeQMPServer
+from ansible_collections.savestate.qemu.tests.unit.fake_qmp import FakeQMPServer
+from ansible_collections.savestate.qemu.tests.unit.module_runner import COLLECTIONS_ROOT
 
 TESTS_DIR = Path(__file__).resolve().parents[3]
 SERVER = """
 import sys, time
-from unit.fake_qmp import FakeQMPServer
+from ansible_collections.savestate.qemu.tests.unit.fake_qmp import FakeQMPServer
 kind, where = sys.argv[1], sys.argv[2]
 server = FakeQMPServer(where, tcp=False) if kind == "unix" else FakeQMPServer(tcp=True)
 server.reply("query-status", {"status": "running", "running": True})
@@ -46,7 +47,7 @@ class OtherProcess:
 
     def __init__(self, kind: str, where: str = "") -> None:
         self.process = subprocess.Popen([sys.executable, "-c", SERVER, kind, where], cwd=TESTS_DIR,
-                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(TESTS_DIR)})
+                                        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(COLLECTIONS_ROOT)})
         self.address = self.process.stdout.readline().strip()
         assert self.address, "the server process did not start"
         self.pid = self.process.pid

@@ -25,7 +25,10 @@ from ansible_collections.savestate.qemu.plugins.module_utils._sockets import (
     unix_path_of_fd,
 )
 
-ME = ProcessRef(os.getpid(), Path("/proc/self/comm").read_text().strip())
+
+def me() -> ProcessRef:
+    """This process (at test time: ansible-test units may run each test in a fork)."""
+    return ProcessRef(os.getpid(), Path("/proc/self/comm").read_text().strip())
 
 
 @pytest.fixture
@@ -51,9 +54,9 @@ def test_the_kernel_names_the_client_of_a_unix_socket(sock_dir):
                 waiting.connect(path)  # queued, never accepted: belongs to nobody yet
 
                 assert unix_client_inodes(path) == {_inode(client)}
-                assert socket_owners({_inode(client)}) == {_inode(client): [ME]}
-                assert monitor_holders(unix_endpoint(path)) == ([ME], [])
-                assert describe_holders(unix_endpoint(path)) == f"another client (pid {ME.pid}, comm {ME.comm})"
+                assert socket_owners({_inode(client)}) == {_inode(client): [me()]}
+                assert monitor_holders(unix_endpoint(path)) == ([me()], [])
+                assert describe_holders(unix_endpoint(path)) == f"another client (pid {me().pid}, comm {me().comm})"
                 assert describe_holders(unix_endpoint(path), exclude_inodes={_inode(client)}) == ""
 
 
@@ -87,7 +90,7 @@ def test_the_client_of_a_local_tcp_connection():
         with socket.create_connection(("127.0.0.1", port)) as client:
             served = listener.accept()[0]
             with served:
-                assert monitor_holders(tcp_endpoint("127.0.0.1", port)) == ([ME], [])
+                assert monitor_holders(tcp_endpoint("127.0.0.1", port)) == ([me()], [])
                 assert _inode(client) in tcp_clients(port, _rows_from_proc())[0]
 
 

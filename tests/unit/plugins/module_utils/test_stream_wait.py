@@ -15,7 +15,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import Migr
 from ansible_collections.savestate.qemu.plugins.module_utils._image import ImageFormat
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor
 from ansible_collections.savestate.qemu.plugins.module_utils._stream import Stream, StreamPlan
-from unit.fake_qmp import Call, FakeQMPServer
+from ansible_collections.savestate.qemu.tests.unit.fake_qmp import Call, FakeQMPServer
 
 # The monitor's per-command limit in these tests; QEMU answers later than that.
 COMMAND_TIMEOUT = 0.5

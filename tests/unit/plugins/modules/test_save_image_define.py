@@ -12,8 +12,8 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image import (
     read_image,
 )
 
-from integration.ansible_runner import run_module
-from unit.image_helpers import (
+from ansible_collections.savestate.qemu.tests.unit.module_runner import run_module
+from ansible_collections.savestate.qemu.tests.unit.image_helpers import (
     FAKE_QEVM_STREAM,
     make_image,
     make_savestate_image,

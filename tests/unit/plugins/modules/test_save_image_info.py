@@ -8,8 +8,8 @@ import pytest
 
 from ansible_collections.savestate.qemu.plugins.module_utils._image import journal_path
 
-from integration.ansible_runner import run_module
-from unit.image_helpers import (
+from ansible_collections.savestate.qemu.tests.unit.module_runner import run_module
+from ansible_collections.savestate.qemu.tests.unit.image_helpers import (
     LIBVIRT_UUID,
     SIMPLE_XML,
     libvirt_image_bytes,
@@ -100,7 +100,7 @@ def test_unreadable_images_fail_with_the_readers_message(tmp_path, kind, message
 def test_authentication_is_reported_not_required(tmp_path):
     """Unauthenticated images are read all the same; the problem says why (restore would refuse them)."""
     libvirt = run_module("save_image_info", {"path": str(write_libvirt_fixture(tmp_path))})
-    assert not libvirt["failed"] and libvirt["authenticated"] is False
+    assert not libvirt["failed"] and libvirt["authenticated"] is False, libvirt.get("msg")
     assert libvirt["authentication_problem"] == "no MAC (libvirt's image or saved before signing)"
     shared = make_savestate_image(tmp_path / "shared.save")
     shared.chmod(0o666)
