@@ -25,6 +25,7 @@ import binascii
 import re
 import traceback
 import uuid as uuidlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -222,7 +223,7 @@ def _parse(xml: str) -> Any:
 
 
 def _serialize(root: Any, like: str) -> str:
-    text = etree.tostring(root, encoding="unicode")
+    text: str = etree.tostring(root, encoding="unicode")
     return text + "\n" if like.endswith("\n") else text
 
 
@@ -247,9 +248,9 @@ def _unit_scale(unit: str) -> int:
         raise DomainXMLError(f"unknown memory unit {unit!r}")
     rest = lowered[1:]
     if rest in ("", "ib"):
-        return 1024 ** power
+        return int(1024 ** power)
     if rest == "b":
-        return 1000 ** power
+        return int(1000 ** power)
     raise DomainXMLError(f"unknown memory unit {unit!r}")
 
 
@@ -552,13 +553,14 @@ def build_domain_xml(record: GuestRecord) -> str:
     _sub(root, "currentMemory", str(record.memory_kib), unit="KiB")
     _sub(root, "vcpu", str(record.vcpus), placement="static")
     os_element = _sub(root, "os")
-    _sub(os_element, "type", "hvm", arch=record.arch or "x86_64", machine=record.machine)
+    _sub(os_element, "type", "hvm", arch=record.arch or "x86_64", machine=record.machine or "")
     devices = _sub(root, "devices")
     for index, disk in enumerate(record.disks):
         _build_disk(devices, disk, index)
     _sub(devices, "memballoon", model="none")
     etree.indent(root, space="  ")
-    return etree.tostring(root, encoding="unicode") + "\n"
+    text: str = etree.tostring(root, encoding="unicode")
+    return text + "\n"
 
 
 # --- ABI stability ------------------------------------------------------------------
@@ -621,7 +623,7 @@ def _remap_metadata_disks(meta: Any, mapping: dict[str, str]) -> bool:
     return changed
 
 
-def _rewrite_argv(meta: Any, edit) -> bool:
+def _rewrite_argv(meta: Any, edit: Callable[[list[str]], list[str]]) -> bool:
     argv = meta.find(_tag("argv"))
     if argv is None:
         return False

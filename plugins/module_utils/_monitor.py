@@ -42,7 +42,7 @@ import traceback
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, TypeVar, cast
 
 from ansible.module_utils.basic import missing_required_lib
 
@@ -87,6 +87,8 @@ else:
     QEMU_QMP_IMPORT_ERROR = None
 
 QEMU_QMP_REQUIREMENT = "qemu.qmp >= 0.0.4"
+
+_T = TypeVar("_T")
 
 # Options every module that talks QMP accepts.
 # Must be kept in sync with plugins/doc_fragments/_qmp.py.
@@ -464,13 +466,13 @@ class Monitor:
 
         async def next_match() -> dict[str, Any]:
             while True:
-                event = _plain(await inbox.listener.get())
+                event: dict[str, Any] = _plain(await inbox.listener.get())
                 if matches(event):
                     return event
                 inbox.backlog.append(event)  # another wait in this block may want it
 
         try:
-            return self._await(next_match(), limit)
+            return cast("dict[str, Any]", self._await(next_match(), limit))
         except asyncio.TimeoutError:
             raise MonitorTimeoutError(
                 f"QEMU ({self.endpoint}) sent no {'/'.join(sorted(wanted))} event "
@@ -645,7 +647,7 @@ class Monitor:
             raise self._malformed(command, "something that is not a list")
         return reply
 
-    def _field(self, command: str, key: str, kind: type, timeout: float | None = None) -> Any:
+    def _field(self, command: str, key: str, kind: type[_T], timeout: float | None = None) -> _T:
         value = self._dict(command, timeout).get(key)
         # bool is an int in Python; a size or a count must be a real integer.
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
@@ -657,7 +659,8 @@ class Monitor:
         numbers = [qemu.get(key) if isinstance(qemu, dict) else None for key in ("major", "minor", "micro")]
         if not all(isinstance(number, int) and not isinstance(number, bool) for number in numbers):
             raise self._malformed("query-version", "no numeric qemu version")
-        return numbers[0], numbers[1], numbers[2]
+        major, minor, micro = (cast(int, number) for number in numbers)
+        return major, minor, micro
 
     def _capabilities(self) -> list[tuple[str, bool]]:
         entries = self._list("query-migrate-capabilities")
@@ -754,6 +757,7 @@ class Monitor:
     def _open_socket(self, deadline: float) -> socket.socket:
         """Connect the transport ourselves, so that a failure here is told apart from a silent monitor."""
         endpoint = self.endpoint
+        candidates: list[tuple[int, Any]]
         if endpoint.is_unix:
             candidates = [(socket.AF_UNIX, endpoint.path)]
         else:

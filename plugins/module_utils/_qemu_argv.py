@@ -16,9 +16,9 @@ leading bare value (``-name foo`` means ``guest=foo``).
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_options import OPTIONS
 
@@ -202,7 +202,7 @@ def _raw_option_parts(value: str) -> list[str]:
     return parts
 
 
-def _replace_in_key_values(value: str, mapping: dict[str, str], is_path_key) -> str:
+def _replace_in_key_values(value: str, mapping: dict[str, str], is_path_key: Callable[[str], bool]) -> str:
     """Replace path values in ``key=value,...``, leaving every other part byte for byte."""
     parts = _raw_option_parts(value)
     changed = False
@@ -214,7 +214,7 @@ def _replace_in_key_values(value: str, mapping: dict[str, str], is_path_key) -> 
     return ",".join(parts) if changed else value
 
 
-def _replace_in_json(node, mapping: dict[str, str]) -> bool:
+def _replace_in_json(node: Any, mapping: dict[str, str]) -> bool:
     changed = False
     if isinstance(node, dict):
         for key, item in node.items():

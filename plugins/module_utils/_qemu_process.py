@@ -226,7 +226,8 @@ class LaunchedQemu:
 
     @property
     def pid(self) -> int:
-        return self.process.pid
+        pid: int = self.process.pid
+        return pid
 
     def exited(self, grace: float = 0.0) -> bool:
         """Whether QEMU has exited, waiting up to ``grace`` seconds for it to do so."""

@@ -208,7 +208,7 @@ def test_busy_monitor_names_the_client_that_holds_it(server):
 
 def test_monitor_serves_the_next_client_after_close(server):
     server.reply("query-name", {})
-    for attempt in range(2):
+    for _attempt in range(2):
         with Monitor(server.address, connect_timeout=2) as monitor:
             assert monitor.name() is None
 
@@ -342,7 +342,7 @@ def test_features_come_from_the_schema(server, monitor, schema, file_transport, 
 
 def test_schema_is_fetched_again_on_a_new_connection(server):
     server.reply("query-qmp-schema", SCHEMA_7_2)
-    for attempt in range(2):
+    for _attempt in range(2):
         with Monitor(server.address) as monitor:
             assert monitor.has_command("migrate")
     assert server.commands().count("query-qmp-schema") == 2
