@@ -23,6 +23,12 @@ attributes:
     description:
       - When run twice in a row outside check mode, with the same arguments, the second invocation indicates no change.
       - This assumes that the system controlled/queried by the module has not changed in a relevant way.
+  platform:
+    description: Target OS/families that can be operated against.
+    support: N/A
+    platforms: linux
+    details:
+      - The modules read C(/proc) and use Linux socket interfaces (C(SO_PEERCRED), C(sock_diag)), as QEMU/KVM hosts do.
 """
 
     # For the read-only *_info modules.
