@@ -54,7 +54,7 @@ from typing import Any
 
 from harness.paths import PROJECT_ROOT, VENV_DIR
 from harness.systemd_host import (GUEST_ASSETS_IN_HOST, KEYS_IN_HOST, QEMU72_IN_HOST, TEST_USER, VENV_IN_HOST,
-                                  CommandResult, HostUnavailable, SystemdHost, cgroup_pids, cgroup_roots, kill_cgroup,
+                                  HostUnavailable, SystemdHost, cgroup_pids, cgroup_roots, kill_cgroup,
                                   unavailable_reason)
 
 DEFAULT_NAME = "svq"
@@ -77,10 +77,14 @@ RESULT_CALLBACK_DIR = PROJECT_ROOT / "tests" / "integration" / "callback_plugins
 class TestbedError(RuntimeError):
     """The test bed cannot be brought up or used (the message says why and what to do)."""
 
+    __test__ = False  # not a pytest test class
+
 
 @dataclass(frozen=True)
 class TestbedConfig:
     """Names and addresses of one fleet; the default is the one the tests use."""
+
+    __test__ = False  # not a pytest test class
 
     name: str = DEFAULT_NAME
     subnet: str = DEFAULT_SUBNET  # the first three octets of a /24
@@ -133,6 +137,8 @@ class TestbedConfig:
 
 class TestbedHost(SystemdHost):
     """One hypervisor of the fleet: an nspawn container on the fleet's bridge."""
+
+    __test__ = False  # not a pytest test class
 
     def __init__(self, config: TestbedConfig, index: int, fleet_hosts: dict[str, str]) -> None:
         self.config = config
@@ -257,6 +263,8 @@ class GuestOptions:
 
 class TestbedGuest:
     """A test guest running inside one host; its serial log is read through the host's overlay."""
+
+    __test__ = False  # not a pytest test class
 
     def __init__(self, host: TestbedHost, name: str, options: GuestOptions) -> None:
         if options.qemu not in QEMUS:
@@ -522,7 +530,14 @@ class Fleet:
         return PlaybookRun(done.returncode, done.stdout, done.stderr, results)
 
     def down(self) -> None:
+        """Tear the fleet down (see :func:`down`) and collect its nspawn processes."""
         down(self.config)
+        for host in self.hosts:
+            if host.process is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    host.process.wait(10)
+            host.process = None
+            host.leader = None
 
 
 def write_inventory(config: TestbedConfig, hosts: Sequence[TestbedHost], path: Path) -> Path:
@@ -716,10 +731,11 @@ def attach(config: TestbedConfig | None = None) -> Fleet:
 def running(n: int = 3, config: TestbedConfig | None = None) -> Iterator[Fleet]:
     """``with running(3) as fleet:`` up, then down whatever happens."""
     config = config or TestbedConfig()
+    fleet = up(n, config=config)
     try:
-        yield up(n, config=config)
+        yield fleet
     finally:
-        down(config)
+        fleet.down()
 
 
 # -- CLI --------------------------------------------------------------------------------------

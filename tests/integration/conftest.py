@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from harness.systemd_host import unavailable_reason
-from harness.testbed import Fleet, TestbedConfig, TestbedGuest, TestbedHost, down, leftovers, up
+from harness.testbed import Fleet, TestbedConfig, TestbedGuest, TestbedHost, leftovers, up
 
 
 @pytest.fixture(scope="session")
@@ -32,7 +32,7 @@ def testbed() -> Iterator[Fleet]:
     try:
         yield fleet
     finally:
-        down(fleet.config)
+        fleet.down()
         left = leftovers(fleet.config)
         assert not left, f"the test bed's teardown left: {left}"
 
