@@ -162,39 +162,46 @@ def _ram_bytes(guest: Mapping[str, Any]) -> Any:
 def restore_rows(restores: Iterable[Mapping[str, Any]], rejected: Mapping[str, str],
                  active: Iterable[Mapping[str, Any]], unknown: Iterable[str],
                  guests_before: Iterable[Mapping[str, Any]], check_mode: bool = False, remove_images: bool = False,
-                 timeout: Any = None) -> list[dict[str, Any]]:
+                 timeout: Any = None, entries: Iterable[Mapping[str, Any]] = (),
+                 target_state: str = "as_saved") -> list[dict[str, Any]]:
     """One row per guest the restore looked at.
 
     ``restores`` are the async_status results of the restore jobs (their item is the
     manifest entry); ``rejected`` maps names to why their image was not restored;
     ``active`` the manifest entries whose guest was already active; ``unknown`` names
-    asked for that the manifest does not list.
+    asked for that the manifest does not list; ``entries`` the manifest's entries (for
+    the image of a rejected guest); ``target_state`` the role's ``host_restore_state``.
     """
     states = {guest.get("name"): guest.get("state") for guest in guests_before}
+    images = {entry.get("name"): entry for entry in entries}
     rows = []
     for result in restores:
         entry = _job(result)
         saved = f"saved ({entry.get('state')})"
         if not _job_succeeded(result):
             rows.append(_row(entry.get("name"), saved, entry.get("path"), "not running", "failed",
-                             _job_message(result, timeout) + "; the image is kept", size=entry.get("size")))
+                             _job_message(result, timeout) + "; the image is kept", size=entry.get("size"),
+                             uuid=entry.get("uuid")))
         elif check_mode:
             image = entry.get("path")
+            state = entry.get("state") if target_state == "as_saved" else target_state
             rows.append(_row(entry.get("name"), saved, f"{image} (would be removed)" if remove_images else image,
-                             f"{entry.get('state')} (would be)", "would_restore", str(result.get("msg") or ""),
-                             size=entry.get("size")))
+                             f"{state} (would be)", "would_restore", str(result.get("msg") or ""),
+                             size=entry.get("size"), uuid=entry.get("uuid")))
         else:
             image = entry.get("path")
             row = _row(entry.get("name"), saved, f"{image} (removed)" if remove_images else image,
                        result["guest"].get("state"), "restored", str(result.get("msg") or ""),
-                       image_removed=bool(remove_images))
+                       image_removed=bool(remove_images), uuid=entry.get("uuid"))
             row.update(_stats(result))
             rows.append(row)
     for name, why in rejected.items():
-        rows.append(_row(name, "saved", None, "not running", "failed", f"{why}; not restored"))
+        entry = images.get(name, {})
+        rows.append(_row(name, f"saved ({entry.get('state')})" if entry else "saved", entry.get("path"), "not running",
+                         "failed", f"{why}; not restored", uuid=entry.get("uuid")))
     for entry in active:
         rows.append(_row(entry.get("name"), states.get(entry.get("name"), "active"), entry.get("path"),
-                         states.get(entry.get("name"), "active"), "already_active", ""))
+                         states.get(entry.get("name"), "active"), "already_active", "", uuid=entry.get("uuid")))
     for name in unknown:
         rows.append(_row(name, "-", None, "-", "failed", "the manifest lists no guest of this name"))
     return rows

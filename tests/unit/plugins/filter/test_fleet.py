@@ -113,11 +113,11 @@ def test_restore_rows_and_summary() -> None:
                     stats={"bytes": 64 * MIB, "duration_s": 0.25, "throughput_mib_s": 256.0})
     failed = save_job(entry("b", "paused"), failed=True, msg="QEMU refused the stream")
     rows = restore_rows([back, failed], {"c": "the image /d/c.save is gone"}, [entry("d")], ["zz"],
-                        [{"name": "d", "state": "running"}], remove_images=True)
+                        [{"name": "d", "state": "running"}], remove_images=True, entries=[entry("c", "paused")])
     assert [(r["guest"], r["result"], r["before"], r["image"], r["after"]) for r in rows] == [
         ("a", "restored", "saved (running)", "/d/a.save (removed)", "running"),
         ("b", "failed", "saved (paused)", "/d/b.save", "not running"),
-        ("c", "failed", "saved", None, "not running"),
+        ("c", "failed", "saved (paused)", "/d/c.save", "not running"),
         ("d", "already_active", "running", "/d/d.save", "running"),
         ("zz", "failed", "-", None, "-")]
     assert rows[1]["msg"] == "QEMU refused the stream; the image is kept"
@@ -133,6 +133,8 @@ def test_restore_rows_in_check_mode() -> None:
     rows = restore_rows([would], {}, [], [], [], check_mode=True, remove_images=True)
     assert [(r["result"], r["image"], r["after"]) for r in rows] == [
         ("would_restore", "/d/a.save (would be removed)", "paused (would be)")]
+    forced = restore_rows([would], {}, [], [], [], check_mode=True, target_state="running")
+    assert [(r["image"], r["after"]) for r in forced] == [("/d/a.save", "running (would be)")]
     assert fleet_summary(rows, "hv1", "restore", check_mode=True)[0] == \
         "hv1: restore of 1 guest(s) (check mode: nothing was changed): 1 would restore"
     assert fleet_failure(restore_rows([save_job(entry("b"), failed=True, msg="no")], {}, [], [], [], True),
