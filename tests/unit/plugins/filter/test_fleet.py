@@ -148,5 +148,5 @@ def test_succeeded_keeps_the_finished_jobs_that_did_not_fail() -> None:
 
 
 def test_the_plugin_exposes_every_filter() -> None:
-    assert set(FilterModule().filters()) == {"rounds", "drain_rows", "restore_rows", "succeeded", "failures",
-                                            "fleet_summary", "fleet_failure"}
+    names = {"rounds", "drain_rows", "restore_rows", "succeeded", "failures", "fleet_summary", "fleet_failure"}
+    assert set(FilterModule().filters()) == names
