@@ -40,9 +40,10 @@ DRAIN_DIR = "/var/lib/savestate/fleet-test"
 GUESTS = {"hv1": ["fl-a1", "fl-a2", "fl-a3"], "hv2": ["fl-b1", "fl-b2"], "hv3": ["fl-c1", "fl-c2"]}
 PAUSED = {"fl-a2"}
 NO_QMP = {"fl-a3"}
-# Random data in RAM makes an image of a few dozen MiB: each save lasts long enough to see overlap.
-FILL_MIB = 48
-MEMORY_MIB = 176
+# Random data in RAM, saved through gzip (which cannot shrink it): each save lasts a few seconds,
+# long enough that saves running at the same time on different hosts visibly overlap.
+FILL_MIB = 64
+MEMORY_MIB = 192
 
 
 PAUSE = """
@@ -79,8 +80,8 @@ def guests(testbed_guest: Callable[..., TestbedGuest]) -> dict[str, TestbedGuest
 def extra_vars() -> dict[str, Any]:
     """Each host drains only its own test guests (per-host lists through one template)."""
     return {"fleet_test_guests": GUESTS, "host_drain_guests": "{{ fleet_test_guests[inventory_hostname] }}",
-            "host_drain_dir": DRAIN_DIR, "host_restore_dir": DRAIN_DIR, "host_drain_timeout": 120,
-            "host_restore_timeout": 120}
+            "host_drain_dir": DRAIN_DIR, "host_restore_dir": DRAIN_DIR, "host_drain_timeout": 240,
+            "host_restore_timeout": 240, "host_drain_format": "gzip"}
 
 
 def facts(run: PlaybookRun, host: str, name: str) -> Any:
