@@ -141,7 +141,8 @@ def test_a_fleet_drains_in_parallel_and_comes_back(testbed: Fleet,
         saved = [row for row in facts(drain, host, "host_drain_report")["guests"] if row["result"] == "saved"]
         assert len(saved) == (2 if host == "hv1" else len(GUESTS[host])), saved
         intervals[host] = (min(row["finished"] - row["seconds"] for row in saved), max(row["finished"] for row in saved))
-    print("save intervals per host:", json.dumps(intervals))
+    print("drain: save intervals per host (epoch s):", json.dumps(intervals),
+          "role wall time per host (s):", {host: facts(drain, host, "host_drain_report")["seconds"] for host in GUESTS})
     for (one, first), (other, second) in itertools.combinations(intervals.items(), 2):
         assert first[0] < second[1] and second[0] < first[1], \
             f"{one} saved during {first} and {other} during {second}: one after the other, not in parallel"
