@@ -1,0 +1,278 @@
+# Copyright: savestate.qemu contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+"""Filters of the host_drain and host_restore roles: rounds of concurrent jobs, per-guest rows, summaries.
+
+The roles' decisions that would otherwise be long Jinja expressions live here, where
+they are plain Python with unit tests (tests/unit/plugins/filter/test_fleet.py):
+
+- ``rounds``: split a host's guests into rounds of at most N concurrent jobs;
+- ``drain_rows`` / ``restore_rows``: one row per guest (state before, image, size,
+  seconds, MiB/s, state after, result, message) from what the role collected;
+- ``fleet_summary``: the rows as a table an operator reads at a glance, with a
+  headline that says what happened, or what would happen in check mode;
+- ``fleet_failure``: the role's failure message, which never claims that other
+  guests were saved or restored when none were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+MIB = 1048576
+COLUMNS = ("guest", "before", "image", "size", "seconds", "MiB/s", "after")
+
+# What each result means in a summary headline, for a real run and for check mode.
+DRAIN_WORDS = {"saved": "saved", "would_save": "would save", "kept": "already saved earlier",
+               "skipped": "skipped (libvirt's)", "failed": "failed"}
+RESTORE_WORDS = {"restored": "restored", "would_restore": "would restore", "already_active": "already active",
+                 "failed": "failed"}
+
+
+def rounds(items: Iterable[Any], size: Any, first: Iterable[str] = ()) -> list[list[Any]]:
+    """Split ``items`` into rounds of at most ``size``; the items named in ``first`` go alone, in that order.
+
+    A round's jobs run at the same time; the next round starts when the round ends.
+    Items named in ``first`` (by their ``name``) each get a round of their own before
+    the others, so that a guest listed there is back before the next one starts.
+    """
+    size = int(size)
+    if size < 1:
+        raise ValueError(f"the concurrency must be at least 1, not {size}")
+    items = list(items)
+    by_name = {item.get("name"): item for item in items if isinstance(item, Mapping)}
+    leading = [by_name[name] for name in dict.fromkeys(first) if name in by_name]
+    rest = [item for item in items if not any(item is lead for lead in leading)]
+    return [[item] for item in leading] + [rest[start:start + size] for start in range(0, len(rest), size)]
+
+
+def _job(result: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The guest or manifest entry a job was started for (async_status result -> start result -> item)."""
+    started = result.get("item", {})
+    return started.get("item", {}) if isinstance(started, Mapping) else {}
+
+
+def _job_message(result: Mapping[str, Any], timeout: Any) -> str:
+    if result.get("msg"):
+        return str(result["msg"])
+    if not result.get("finished", True):
+        return f"the job did not finish within {timeout} s"
+    return "the job failed without a message"
+
+
+def _job_succeeded(result: Mapping[str, Any]) -> bool:
+    return bool(result.get("finished")) and not result.get("failed") and isinstance(result.get("guest"), Mapping)
+
+
+def _stats(result: Mapping[str, Any]) -> dict[str, Any]:
+    stats = result.get("stats") or {}
+    image = result.get("image") or {}
+    return {"size": stats.get("bytes", image.get("size")), "seconds": stats.get("duration_s"),
+            "mib_s": stats.get("throughput_mib_s")}
+
+
+def _row(guest: Any, before: Any, image: Any = None, after: Any = None, result: str = "", msg: str = "",
+         **extra: Any) -> dict[str, Any]:
+    """A summary row; ``guest`` is what the table shows, ``name`` and ``uuid`` identify the guest."""
+    row = {"guest": guest, "name": guest, "uuid": None, "before": before, "image": image, "size": None,
+           "seconds": None, "mib_s": None, "after": after, "result": result, "msg": msg}
+    row.update(extra)
+    return row
+
+
+def succeeded(results: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The async_status results of jobs that finished without failing (their module's result)."""
+    return [result for result in results if _job_succeeded(result)]
+
+
+def failures(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The failed rows as the roles report them: ``name``, ``uuid``, ``msg``."""
+    return [{"name": row.get("name"), "uuid": row.get("uuid"), "msg": row.get("msg")}
+            for row in rows if row.get("result") == "failed"]
+
+
+def _state_after(name: Any, guests_after: Iterable[Mapping[str, Any]], default: str = "gone") -> str:
+    for guest in guests_after:
+        if guest.get("name") == name:
+            return str(guest.get("state") or "unknown")
+    return default
+
+
+def drain_rows(saves: Iterable[Mapping[str, Any]], failures: Iterable[Mapping[str, Any]],
+               kept: Iterable[Mapping[str, Any]], skipped: Iterable[Mapping[str, Any]],
+               guests_before: Iterable[Mapping[str, Any]], guests_after: Iterable[Mapping[str, Any]],
+               image_dir: str, check_mode: bool = False, timeout: Any = None,
+               listed_only: Iterable[Mapping[str, Any]] = (),
+               entries: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+    """One row per guest the drain looked at.
+
+    ``saves`` are the async_status results of the save jobs; ``failures`` the guests
+    refused before any save (``name``, ``uuid``, ``msg``); ``kept`` the manifest entries
+    of guests saved by an earlier run; ``skipped`` libvirt's guests; ``listed_only`` the
+    guests a check-mode run could only list (no image directory yet, so no save check);
+    ``entries`` the manifest entries written, whose fingerprint dates each image
+    (``finished``, seconds since the epoch: when its save ended).
+    """
+    before = {guest.get("name"): guest.get("state") for guest in guests_before}
+    finished = {entry.get("name"): (entry.get("fingerprint") or {}).get("mtime") for entry in entries}
+    guests_after = list(guests_after)
+    rows = []
+    for result in saves:
+        guest = _job(result)
+        name = guest.get("name")
+        path = f"{image_dir}/{name}.save"
+        uuid = guest.get("uuid")
+        if not _job_succeeded(result):
+            rows.append(_row(name, guest.get("state"), None, _state_after(name, guests_after), "failed",
+                             _job_message(result, timeout), uuid=uuid))
+        elif check_mode:
+            rows.append(_row(name, guest.get("state"), path, "stopped (would be)", "would_save",
+                             str(result.get("msg") or ""), size=_ram_bytes(guest), uuid=uuid))
+        else:
+            row = _row(name, guest.get("state"), (result.get("image") or {}).get("path", path),
+                       result["guest"].get("state"), "saved", str(result.get("msg") or ""), uuid=uuid)
+            row.update(_stats(result), finished=finished.get(name))
+            rows.append(row)
+    for guest in listed_only:
+        rows.append(_row(guest.get("name"), guest.get("state"), f"{image_dir}/{guest.get('name')}.save",
+                         "stopped (would be)", "would_save", "not checked: the image directory does not exist yet",
+                         size=_ram_bytes(guest), uuid=guest.get("uuid")))
+    for refused in failures:
+        name = refused.get("name")
+        rows.append(_row(name if name else f"(unnamed, uuid {refused.get('uuid') or '-'})", before.get(name), None,
+                         _state_after(name, guests_after) if name in before else "-", "failed",
+                         str(refused.get("msg") or ""), name=name, uuid=refused.get("uuid")))
+    for entry in kept:
+        rows.append(_row(entry.get("name"), f"saved earlier ({entry.get('state')})", entry.get("path"), "stopped",
+                         "kept", "", size=entry.get("size"), uuid=entry.get("uuid")))
+    for guest in skipped:
+        rows.append(_row(guest.get("name"), guest.get("state"), None, guest.get("state"), "skipped",
+                         "managed by libvirt: save it with virsh managedsave", uuid=guest.get("uuid")))
+    return rows
+
+
+def _ram_bytes(guest: Mapping[str, Any]) -> Any:
+    """An upper bound on a raw image's size: the guest's RAM (check mode writes nothing to measure)."""
+    memory_mib = guest.get("memory_mib")
+    return int(memory_mib) * MIB if memory_mib else None
+
+
+def restore_rows(restores: Iterable[Mapping[str, Any]], rejected: Mapping[str, str],
+                 active: Iterable[Mapping[str, Any]], unknown: Iterable[str],
+                 guests_before: Iterable[Mapping[str, Any]], check_mode: bool = False, remove_images: bool = False,
+                 timeout: Any = None, entries: Iterable[Mapping[str, Any]] = (),
+                 target_state: str = "as_saved") -> list[dict[str, Any]]:
+    """One row per guest the restore looked at.
+
+    ``restores`` are the async_status results of the restore jobs (their item is the
+    manifest entry); ``rejected`` maps names to why their image was not restored;
+    ``active`` the manifest entries whose guest was already active; ``unknown`` names
+    asked for that the manifest does not list; ``entries`` the manifest's entries (for
+    the image of a rejected guest); ``target_state`` the role's ``host_restore_state``.
+    """
+    states = {guest.get("name"): guest.get("state") for guest in guests_before}
+    images = {entry.get("name"): entry for entry in entries}
+    rows = []
+    for result in restores:
+        entry = _job(result)
+        saved = f"saved ({entry.get('state')})"
+        if not _job_succeeded(result):
+            rows.append(_row(entry.get("name"), saved, entry.get("path"), "not running", "failed",
+                             _job_message(result, timeout) + "; the image is kept", size=entry.get("size"),
+                             uuid=entry.get("uuid")))
+        elif check_mode:
+            image = entry.get("path")
+            state = entry.get("state") if target_state == "as_saved" else target_state
+            rows.append(_row(entry.get("name"), saved, f"{image} (would be removed)" if remove_images else image,
+                             f"{state} (would be)", "would_restore", str(result.get("msg") or ""),
+                             size=entry.get("size"), uuid=entry.get("uuid")))
+        else:
+            image = entry.get("path")
+            row = _row(entry.get("name"), saved, f"{image} (removed)" if remove_images else image,
+                       result["guest"].get("state"), "restored", str(result.get("msg") or ""),
+                       image_removed=bool(remove_images), uuid=entry.get("uuid"))
+            row.update(_stats(result))
+            rows.append(row)
+    for name, why in rejected.items():
+        entry = images.get(name, {})
+        rows.append(_row(name, f"saved ({entry.get('state')})" if entry else "saved", entry.get("path"), "not running",
+                         "failed", f"{why}; not restored", uuid=entry.get("uuid")))
+    for entry in active:
+        rows.append(_row(entry.get("name"), states.get(entry.get("name"), "active"), entry.get("path"),
+                         states.get(entry.get("name"), "active"), "already_active", "", uuid=entry.get("uuid")))
+    for name in unknown:
+        rows.append(_row(name, "-", None, "-", "failed", "the manifest lists no guest of this name"))
+    return rows
+
+
+def _size(value: Any) -> str:
+    return "-" if value in (None, "") else f"{int(value) / MIB:.1f} MiB"
+
+
+def _number(value: Any, digits: int = 1) -> str:
+    return "-" if value in (None, "") else f"{float(value):.{digits}f}"
+
+
+def _cells(row: Mapping[str, Any]) -> tuple[str, ...]:
+    return (str(row.get("guest")), str(row.get("before") or "-"), str(row.get("image") or "-"), _size(row.get("size")),
+            _number(row.get("seconds"), 2), _number(row.get("mib_s")), str(row.get("after") or "-"))
+
+
+def _table(rows: list[Mapping[str, Any]]) -> list[str]:
+    lines = [COLUMNS] + [_cells(row) for row in rows]
+    widths = [max(len(line[column]) for line in lines) for column in range(len(COLUMNS))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip() for line in lines]
+
+
+def _counts(rows: Iterable[Mapping[str, Any]], words: Mapping[str, str]) -> str:
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[row["result"]] = counts.get(row["result"], 0) + 1
+    return ", ".join(f"{counts[result]} {word}" for result, word in words.items() if counts.get(result))
+
+
+def fleet_summary(rows: list[Mapping[str, Any]], host: str, role: str, check_mode: bool = False,
+                  seconds: Any = None) -> list[str]:
+    """The per-host headline, the per-guest table, and one line per problem, for ``debug: msg``."""
+    words = DRAIN_WORDS if role == "drain" else RESTORE_WORDS
+    done = [row for row in rows if row["result"] in ("saved", "restored")]
+    moved = sum(int(row.get("size") or 0) for row in done)
+    mode = " (check mode: nothing was changed)" if check_mode else ""
+    headline = f"{host}: {role} of {len(rows)} guest(s){mode}: {_counts(rows, words) or 'nothing to do'}"
+    if done:
+        headline += f"; {moved / MIB:.1f} MiB"
+    if seconds not in (None, ""):
+        headline += f" in {float(seconds):.1f} s"
+    problems = [f"{row['guest']}: {row['result']}: {row['msg']}" for row in rows
+                if row["result"] in ("failed", "skipped") and row.get("msg")]
+    return [headline] + (_table(rows) if rows else []) + problems
+
+
+def fleet_failure(rows: list[Mapping[str, Any]], role: str, check_mode: bool = False, manifest: str = "") -> str:
+    """Why the role fails, and what happened to the other guests, exactly."""
+    failed = [row for row in rows if row["result"] == "failed"]
+    if not failed:
+        return ""
+    verb, past, outcome = (("drained", "saved", "would_save") if role == "drain"
+                           else ("restored", "restored", "would_restore"))
+    done = [row["guest"] for row in rows if row["result"] == (outcome if check_mode else past)]
+    reasons = "; ".join(f"{row['guest']}: {row['msg']}" for row in failed)
+    if check_mode:
+        message = f"{len(failed)} guest(s) would not be {verb}: {reasons}. Nothing was changed (check mode)"
+        others = f"; a real run would {'save' if role == 'drain' else 'restore'} {', '.join(done)}." if done else "."
+        return message + others
+    message = f"{len(failed)} guest(s) could not be {verb}: {reasons}."
+    if not done:
+        return message + f" No other guest was {past} in this run."
+    where = f" and listed in {manifest}" if manifest and role == "drain" else ""
+    return message + f" {len(done)} other guest(s) were {past}{where}: {', '.join(done)}."
+
+
+class FilterModule:
+    """The roles' filters (savestate.qemu.rounds, ...)."""
+
+    def filters(self) -> dict[str, Any]:
+        return {"rounds": rounds, "drain_rows": drain_rows, "restore_rows": restore_rows, "succeeded": succeeded,
+                "failures": failures, "fleet_summary": fleet_summary, "fleet_failure": fleet_failure}
