@@ -204,6 +204,27 @@ def _sparse_settings(features: Features, parallel_channels: int, bypass_cache: b
     return {"mapped-ram": True, "multifd": True}, parameters
 
 
+# A sparse image is written and read by several multifd threads at once. Measured (docs/performance.md,
+# issue 17): on a 2-core host, 2 channels save and load a sparse image faster than 1, and one channel per
+# core is the useful most; beyond 4 the copies contend for memory bandwidth rather than CPU.
+SPARSE_CHANNELS_CAP = 4
+
+
+def default_channels(image_format: ImageFormat) -> int:
+    """The multifd channels when the user gives none: one per core (at most 4) for sparse, else 1."""
+    if image_format != ImageFormat.SPARSE:
+        return 1
+    return max(1, min(usable_cores(), SPARSE_CHANNELS_CAP))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a cpuset or affinity mask can allow fewer than the host has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _check_options(image_format: ImageFormat, parallel_channels: int, bypass_cache: bool) -> None:
     if parallel_channels < 1:
         raise PreconditionError("number of parallel save channels cannot be less than 1")
@@ -217,9 +238,10 @@ def _check_options(image_format: ImageFormat, parallel_channels: int, bypass_cac
                 "does O_DIRECT I/O only on mapped-ram's multifd channels")
 
 
-def plan_save(image_format: ImageFormat, features: Features, parallel_channels: int = 1,
+def plan_save(image_format: ImageFormat, features: Features, parallel_channels: Optional[int] = None,
               bypass_cache: bool = False) -> StreamPlan:
     """Choose how a save streams into the image; raise PreconditionError if it cannot."""
+    parallel_channels = default_channels(image_format) if parallel_channels is None else parallel_channels
     _check_options(image_format, parallel_channels, bypass_cache)
     capabilities: dict[str, bool] = {"mapped-ram": False} if features.mapped_ram else {}
     parameters: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}
@@ -240,11 +262,12 @@ def plan_save(image_format: ImageFormat, features: Features, parallel_channels: 
     return StreamPlan(route, image_format, capabilities, parameters, bypass_cache)
 
 
-def plan_restore(image_format: ImageFormat, features: Features, parallel_channels: int = 1,
+def plan_restore(image_format: ImageFormat, features: Features, parallel_channels: Optional[int] = None,
                  bypass_cache: bool = False) -> StreamPlan:
     """Choose how a restore feeds the image to QEMU (always over a unix monitor)."""
     if not features.can_pass_fds:
         raise PreconditionError("restore needs a unix-socket monitor to pass the image to QEMU")
+    parallel_channels = default_channels(image_format) if parallel_channels is None else parallel_channels
     _check_options(image_format, parallel_channels, bypass_cache)
     if image_format == ImageFormat.SPARSE:
         capabilities, parameters = _sparse_settings(features, parallel_channels, bypass_cache, False)

@@ -123,8 +123,9 @@ options:
     description:
       - The number of threads QEMU reads a V(sparse) image with (multifd channels). Need not match the
         save's.
+      - When not given, one per CPU core of the host, at most 4, for a V(sparse) image (1 for the other
+        formats, where it must stay 1).
     type: int
-    default: 1
   timeout:
     description:
       - Seconds the load may take before the restore is abandoned (QEMU killed, image untouched).
@@ -286,7 +287,7 @@ def main() -> None:
             emulator=dict(type="path"),
             disk_check=dict(type="str", default="strict", choices=list(DISK_CHECK_CHOICES)),
             remove_image=dict(type="bool", default=False),
-            parallel_channels=dict(type="int", default=1),
+            parallel_channels=dict(type="int"),
             timeout=dict(type="float", default=600.0),
             allow_unauthenticated=dict(type="bool", default=False),
             unit=dict(type="str", default="auto"),
