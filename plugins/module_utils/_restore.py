@@ -126,7 +126,7 @@ class RestoreRequest:
     emulator: Optional[str] = None
     disk_check: str = "strict"
     remove_image: bool = False
-    parallel_channels: Optional[int] = None   # None: _stream.default_channels (issue 17)
+    parallel_channels: int = 1
     timeout: float = 600.0
     trace: bool = False
     allow_unauthenticated: bool = False

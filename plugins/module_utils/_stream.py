@@ -204,14 +204,16 @@ def _sparse_settings(features: Features, parallel_channels: int, bypass_cache: b
     return {"mapped-ram": True, "multifd": True}, parameters
 
 
-# A sparse image is written and read by several multifd threads at once. Measured (docs/performance.md,
-# issue 17): on a 2-core host, 2 channels save and load a sparse image faster than 1, and one channel per
-# core is the useful most; beyond 4 the copies contend for memory bandwidth rather than CPU.
+# A sparse save is written by several multifd threads at once. Measured (docs/performance.md, issue 17,
+# interleaved medians on a 2-core host): 2 channels saved 1/2/4 GiB guests in 0.62/1.25/2.72 s where
+# 1 channel took 0.71/1.68/3.21 s (libvirt's plain mapped-ram: 0.70/1.69/3.21 s). More threads than
+# cores only contend for them; 4 caps the page-copy threads a large host gets by default. Restores keep 1:
+# a cold load is bound by the disk, and 2 channels did not load faster there.
 SPARSE_CHANNELS_CAP = 4
 
 
 def default_channels(image_format: ImageFormat) -> int:
-    """The multifd channels when the user gives none: one per core (at most 4) for sparse, else 1."""
+    """A save's multifd channels when the user gives none: one per core (at most 4) for sparse, else 1."""
     if image_format != ImageFormat.SPARSE:
         return 1
     return max(1, min(usable_cores(), SPARSE_CHANNELS_CAP))
@@ -262,12 +264,11 @@ def plan_save(image_format: ImageFormat, features: Features, parallel_channels: 
     return StreamPlan(route, image_format, capabilities, parameters, bypass_cache)
 
 
-def plan_restore(image_format: ImageFormat, features: Features, parallel_channels: Optional[int] = None,
+def plan_restore(image_format: ImageFormat, features: Features, parallel_channels: int = 1,
                  bypass_cache: bool = False) -> StreamPlan:
     """Choose how a restore feeds the image to QEMU (always over a unix monitor)."""
     if not features.can_pass_fds:
         raise PreconditionError("restore needs a unix-socket monitor to pass the image to QEMU")
-    parallel_channels = default_channels(image_format) if parallel_channels is None else parallel_channels
     _check_options(image_format, parallel_channels, bypass_cache)
     if image_format == ImageFormat.SPARSE:
         capabilities, parameters = _sparse_settings(features, parallel_channels, bypass_cache, False)

@@ -123,9 +123,10 @@ options:
     description:
       - The number of threads QEMU reads a V(sparse) image with (multifd channels). Need not match the
         save's.
-      - When not given, one per CPU core of the host, at most 4, for a V(sparse) image (1 for the other
-        formats, where it must stay 1).
+      - Unlike a save's, the default stays 1. A load from a cold page cache is bound by the disk, and in the
+        collection's C(docs/performance.md) measurements two channels did not load faster than one.
     type: int
+    default: 1
   timeout:
     description:
       - Seconds the load may take before the restore is abandoned (QEMU killed, image untouched).
@@ -287,7 +288,7 @@ def main() -> None:
             emulator=dict(type="path"),
             disk_check=dict(type="str", default="strict", choices=list(DISK_CHECK_CHOICES)),
             remove_image=dict(type="bool", default=False),
-            parallel_channels=dict(type="int"),
+            parallel_channels=dict(type="int", default=1),
             timeout=dict(type="float", default=600.0),
             allow_unauthenticated=dict(type="bool", default=False),
             unit=dict(type="str", default="auto"),
