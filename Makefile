@@ -1,7 +1,7 @@
 # The two commands a newcomer needs: `make demo` and `make test`.
 # Both run `make setup` first, which installs only what is missing.
 
-.PHONY: setup test sanity units integration molecule demo bench build changelog clean
+.PHONY: setup test sanity units integration molecule demo bench bench-quick build changelog clean
 
 setup:
 	scripts/setup
@@ -15,8 +15,15 @@ sanity units integration molecule: setup
 demo: setup
 	.venv/bin/python demo/demo.py
 
+# Holds the integration lock: a benchmark must not share the machine with QEMU tests.
+BENCH_LOCK = flock /tmp/savestate-integration.lock
+
 bench: setup
-	.venv/bin/python benchmarks/run.py $(BENCH_ARGS)
+	$(BENCH_LOCK) .venv/bin/python benchmarks/run.py $(BENCH_ARGS)
+
+# 1 GiB, 1 repetition, every contender and the whole-host rounds; prints, does not touch the docs.
+bench-quick: setup
+	$(BENCH_LOCK) .venv/bin/python benchmarks/run.py --sizes 1 --reps 1 --output '' --command 'make bench-quick' $(BENCH_ARGS)
 
 build: setup
 	.venv/bin/ansible-galaxy collection build --force

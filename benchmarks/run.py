@@ -10,12 +10,15 @@ random data) one guest is booted under QEMU 10.0 and an equal one under libvirt
 * this collection at the module_utils level (benchmarks/op.py, a process of its own
   whose peak RSS is read with wait4) and through ``ansible`` (so the start-up cost
   of a module run shows): raw, zstd, sparse;
-* the disk's own sequential write and read bandwidth (dd with O_DIRECT).
+* Ansible's fixed per-task cost: an ``ansible.builtin.ping`` task run the same way;
+* the disk's own sequential write and read bandwidth (dd with O_DIRECT, a file of
+  the guest's size, once per size and repetition).
 
-Restores read the image from the page cache (it was just written), so that they
-time the software rather than the shared virtual disk; ``--cold-restores`` drops
-the cache before each one. Medians go to stdout and into docs/performance.md
-between the bench markers; the prose around them is written by hand.
+Every restore, of every contender, starts cold: the page cache is dropped first
+(``--warm-restores`` keeps it). Then the whole host: 4 guests of 1 GiB drained
+and restored in parallel and one after another (``--host-guests 0`` skips it).
+Medians and target verdicts go to stdout and into docs/performance.md between the
+bench markers; the prose around them is written by hand.
 """
 
 from __future__ import annotations
@@ -28,18 +31,17 @@ import re
 import resource
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import time
 import uuid as uuidlib
-from collections import defaultdict
-from dataclasses import dataclass
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from harness.guest import Guest, GuestSpec, qmp_execute  # noqa: E402
 from harness.libvirt import EmbeddedLibvirt  # noqa: E402
@@ -47,6 +49,8 @@ from harness.paths import CACHE_DIR, VENV_DIR  # noqa: E402
 from harness.processes import Reaper, become_subreaper, kill_and_wait, pid_gone, qemu_processes  # noqa: E402
 from harness.qemu import SYSTEM_QEMU  # noqa: E402
 from integration.ansible_runner import run_module  # noqa: E402
+from report import (  # noqa: E402
+    ANSIBLE, ANSIBLE_FIXED, DISK, OURS, QEMU, VIRSH, HostSample, Sample, render)
 
 GUEST_OVERHEAD_MIB = 256
 UNLIMITED = 9223372036853727232
@@ -54,28 +58,40 @@ MIB = 1024 * 1024
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
-@dataclass
-class Sample:
-    size_gib: int
-    contender: str
-    image_format: str
-    operation: str          # save, save+fsync, restore, write, read
-    seconds: float
-    image_bytes: int
-    rss_kib: Optional[int] = None
-
-
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-def drop_caches() -> None:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as knob:
-            knob.write("3\n")
-    except OSError:
-        pass  # not root, or not allowed in this container: loads may then hit the page cache
+class Cache:
+    """Empties the page cache before a cold read: drop_caches, or failing that fadvise on the file.
+
+    ``sync; echo 3 > /proc/sys/vm/drop_caches`` needs root (and a /proc/sys that is
+    writable: some containers refuse it); POSIX_FADV_DONTNEED on the file about to be
+    read is the fallback, which only evicts that file's clean pages (hence the fsync).
+    """
+
+    def __init__(self) -> None:
+        self.method = "drop_caches" if self._drop_caches() else "fadvise(DONTNEED) on the image"
+
+    @staticmethod
+    def _drop_caches() -> bool:
+        os.sync()
+        try:
+            with open("/proc/sys/vm/drop_caches", "w", encoding="ascii") as knob:
+                knob.write("3\n")
+        except OSError:
+            return False
+        return True
+
+    def drop(self, path: Optional[Path] = None) -> None:
+        if self._drop_caches() or path is None:
+            return
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def timed(action: Callable[[], Any]) -> float:
@@ -102,29 +118,25 @@ class Contenders:
     """Each method takes the running guest through one save and one restore."""
 
     def __init__(self, guest: Guest, libvirt: EmbeddedLibvirt, libvirt_name: str, images: Path,
-                 size_gib: int, samples: list[Sample], cold_restores: bool) -> None:
+                 size_gib: int, samples: list[Sample], cache: Optional[Cache]) -> None:
         self.guest = guest
-        self.cold_restores = cold_restores
+        self.cache = cache
         self.libvirt = libvirt
         self.libvirt_name = libvirt_name
         self.images = images
         self.size_gib = size_gib
         self.samples = samples
 
-    def before_restore(self) -> None:
-        """Cold restores read the disk; by default the image is still in the page cache.
+    def before_restore(self, path: Path) -> None:
+        """Restores are cold unless --warm-restores: a host that rebooted has nothing cached."""
+        if self.cache is not None:
+            self.cache.drop(path)
 
-        The build machine's virtual disk is shared: a cold read of one 1.9 GiB image took
-        anywhere from 1 to 4.4 s in consecutive runs, which drowns the differences between
-        the contenders. Warm, every contender does the same work and the timing is theirs.
-        """
-        if self.cold_restores:
-            drop_caches()
-
-    def record(self, contender: str, image_format: str, operation: str, seconds: float, path: Path,
-               rss_kib: Optional[int] = None) -> None:
-        self.samples.append(Sample(self.size_gib, contender, image_format, operation, seconds,
-                                   path.stat().st_size, rss_kib))
+    def record(self, contender: str, image_format: str, operation: str, seconds: float, path: Optional[Path],
+               rss_kib: Optional[int] = None, stream_s: Optional[float] = None) -> None:
+        size = path.stat().st_size if path is not None else 0
+        self.samples.append(Sample(self.size_gib, contender, image_format, operation, seconds, size, rss_kib,
+                                   stream_s))
 
     def qemu_file(self, image_format: str = "raw") -> None:
         path = self.images / "qemu-own.bin"
@@ -138,13 +150,13 @@ class Contenders:
         with open(path, "rb") as image:
             os.fsync(image.fileno())
         durable = time.monotonic() - started
-        self.record("QEMU migrate file:", image_format, "save", saved, path)
-        self.record("QEMU migrate file:", image_format, "save+fsync", durable, path)
+        self.record(QEMU, image_format, "save", saved, path)
+        self.record(QEMU, image_format, "save+fsync", durable, path)
         pid = self.guest.pid
         qmp_execute(address, "quit")
         while pid is not None and not pid_gone(pid):
             time.sleep(0.01)
-        self.before_restore()
+        self.before_restore(path)
         started = time.monotonic()
         process = subprocess.Popen(self.guest.argv + ["-S", "-incoming", "defer"], stdin=subprocess.DEVNULL,
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -156,36 +168,48 @@ class Contenders:
         wait_migration(address)
         loaded = time.monotonic() - started
         qmp_execute(address, "cont")
-        self.record("QEMU migrate file:", image_format, "restore", loaded, path)
+        self.record(QEMU, image_format, "restore", loaded, path)
         path.unlink()
 
-    def savestate_module_utils(self, image_format: str) -> None:
+    def savestate_module_utils(self, image_format: str, channels: Optional[int] = None) -> None:
         path = self.images / f"savestate.{image_format}"
-        save_args = {"name": self.guest.spec.name, "path": str(path), "image_format": image_format}
-        seconds, rss = _op("save", save_args)
-        self.record("savestate module_utils", image_format, "save", seconds, path, rss)
-        self.before_restore()
-        seconds, rss = _op("restore", {"path": str(path)})
-        self.record("savestate module_utils", image_format, "restore", seconds, path, rss)
+        contender = OURS if channels is None else f"{OURS}, {channels} channels"
+        save_args: dict[str, Any] = {"name": self.guest.spec.name, "path": str(path), "image_format": image_format}
+        restore_args: dict[str, Any] = {"path": str(path)}
+        if channels is not None:
+            save_args["parallel_channels"] = restore_args["parallel_channels"] = channels
+        seconds, rss, stream = _op("save", save_args)
+        self.record(contender, image_format, "save", seconds, path, rss, stream)
+        self.before_restore(path)
+        seconds, rss, stream = _op("restore", restore_args)
+        self.record(contender, image_format, "restore", seconds, path, rss, stream)
         path.unlink()
 
     def savestate_ansible(self, image_format: str) -> None:
         path = self.images / f"ansible.{image_format}"
         save_args = {"name": self.guest.spec.name, "path": str(path), "format": image_format}
-        seconds = timed(lambda: _check(run_module("save", save_args)))
-        self.record("savestate via ansible", image_format, "save", seconds, path)
-        self.before_restore()
-        seconds = timed(lambda: _check(run_module("restore", {"path": str(path)})))
-        self.record("savestate via ansible", image_format, "restore", seconds, path)
+        for operation, arguments in (("save", save_args), ("restore", {"path": str(path)})):
+            if operation == "restore":
+                self.before_restore(path)
+            started = time.monotonic()
+            result = _check(run_module(operation, arguments))
+            seconds = time.monotonic() - started
+            self.record(ANSIBLE, image_format, operation, seconds, path, None, _stream_seconds(result))
         path.unlink()
+
+    def ansible_fixed_cost(self) -> None:
+        """Ansible's own cost of one task (start-up, module transfer, result), run exactly as ours are."""
+        # ping needs an argument: '-a {}' is a free-form string it refuses, failing before any module runs.
+        seconds = timed(lambda: _check(run_module("ansible.builtin.ping", {"data": "pong"})))
+        self.record(ANSIBLE_FIXED, "-", "task", seconds, None)
 
     def virsh(self, image_format: str) -> None:
         path = self.images / f"virsh.{image_format}"
         seconds = timed(lambda: self.libvirt.save(self.libvirt_name, path, image_format))
-        self.record("virsh", image_format, "save", seconds, path)
-        self.before_restore()
+        self.record(VIRSH, image_format, "save", seconds, path)
+        self.before_restore(path)
         seconds = timed(lambda: self.libvirt.restore(path))
-        self.record("virsh", image_format, "restore", seconds, path)
+        self.record(VIRSH, image_format, "restore", seconds, path)
         path.unlink()
 
 
@@ -204,29 +228,49 @@ def _check(result: dict) -> dict:
     return result
 
 
-def _op(operation: str, arguments: dict) -> tuple[float, int]:
-    """Run benchmarks/op.py; return its duration and its peak RSS in KiB."""
-    process = subprocess.Popen([str(VENV_DIR / "bin" / "python"), str(ROOT / "benchmarks" / "op.py"),
-                                operation, json.dumps(arguments)], stdout=subprocess.PIPE, text=True)
+def _stream_seconds(result: dict) -> Optional[float]:
+    """The module's own measure of QEMU streaming the image (save or restore ``stats.duration_s``)."""
+    return (result.get("stats") or {}).get("duration_s")
+
+
+def _spawn_op(operation: str, arguments: dict) -> subprocess.Popen:
+    return subprocess.Popen([str(VENV_DIR / "bin" / "python"), str(ROOT / "benchmarks" / "op.py"),
+                             operation, json.dumps(arguments)], stdout=subprocess.PIPE, text=True)
+
+
+def _finish_op(process: subprocess.Popen, operation: str) -> tuple[float, int, Optional[float]]:
+    """Wait for one benchmarks/op.py; return its duration, its peak RSS in KiB and the stream's duration."""
     output = process.stdout.read()
     status, usage = os.wait4(process.pid, 0)[1:]
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"benchmarks/op.py {operation} failed")
-    return json.loads(output)["seconds"], usage.ru_maxrss
+    result = json.loads(output)
+    return result["seconds"], usage.ru_maxrss, _stream_seconds(result)
 
 
-def disk_bandwidth(directory: Path, size_gib: int, samples: list[Sample]) -> None:
+def _op(operation: str, arguments: dict) -> tuple[float, int, Optional[float]]:
+    return _finish_op(_spawn_op(operation, arguments), operation)
+
+
+def dd(directory: Path, mib: int, cache: Cache) -> tuple[float, float, int]:
+    """Seconds for an O_DIRECT sequential write, then read, of ``mib`` MiB in ``directory``."""
     target = directory / "dd.bin"
-    count = size_gib * 256
-    for operation, argv in (
-            ("write", ["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={count}", "oflag=direct",
-                       "conv=fsync"]),
-            ("read", ["dd", f"if={target}", "of=/dev/null", "bs=4M", "iflag=direct"])):
-        drop_caches()
-        seconds = timed(lambda: subprocess.run(argv, check=True, capture_output=True))
-        samples.append(Sample(size_gib, "disk (dd, O_DIRECT)", "-", operation, seconds, target.stat().st_size))
+    count = mib // 4
+    times = []
+    for argv in (["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={count}", "oflag=direct", "conv=fsync"],
+                 ["dd", f"if={target}", "of=/dev/null", "bs=4M", "iflag=direct"]):
+        cache.drop(target if target.exists() else None)
+        times.append(timed(lambda: subprocess.run(argv, check=True, capture_output=True)))
+    size = target.stat().st_size
     target.unlink()
+    return times[0], times[1], size
+
+
+def disk_bandwidth(directory: Path, size_gib: int, samples: list[Sample], cache: Cache) -> None:
+    write, read, size = dd(directory, size_gib * 1024, cache)
+    samples.append(Sample(size_gib, DISK, "-", "write", write, size))
+    samples.append(Sample(size_gib, DISK, "-", "read", read, size))
 
 
 def boot_pair(size_gib: int, workdir: Path, reaper: Reaper) -> tuple[Guest, EmbeddedLibvirt, str]:
@@ -245,75 +289,90 @@ def boot_pair(size_gib: int, workdir: Path, reaper: Reaper) -> tuple[Guest, Embe
     return guest, libvirt, libvirt_name
 
 
+def bench_size(args: argparse.Namespace, size: int, workdir: Path, images: Path, reaper: Reaper,
+               samples: list[Sample], cache: Cache) -> None:
+    guest, libvirt, libvirt_name = boot_pair(size, workdir, reaper)
+    contenders = Contenders(guest, libvirt, libvirt_name, images, size, samples,
+                            None if args.warm_restores else cache)
+    try:
+        for rep in range(args.reps):
+            log(f"{size} GiB, repetition {rep + 1}/{args.reps}")
+            disk_bandwidth(images, size, samples, cache)
+            contenders.ansible_fixed_cost()
+            contenders.qemu_file()
+            for image_format in args.formats:
+                contenders.savestate_module_utils(image_format)
+                contenders.virsh(image_format)
+                contenders.savestate_ansible(image_format)
+                if image_format == "sparse":
+                    for channels in args.sparse_channels:
+                        contenders.savestate_module_utils("sparse", channels)
+    finally:
+        guest.stop()
+        libvirt.close()
+        for process in qemu_processes(str(workdir)):
+            kill_and_wait(process.pid)
+
+
+# --- the whole host -------------------------------------------------------------------------
+
+def host_round(guests: list[Guest], images: Path, cache: Optional[Cache], parallel: bool,
+               host: list[HostSample]) -> None:
+    """Drain every guest, then restore every one, all at once or one after another."""
+    mode = "in parallel" if parallel else "one after another"
+    paths = [images / f"host-{guest.spec.name}.raw" for guest in guests]
+    saves = [("save", {"name": guest.spec.name, "path": str(path), "image_format": "raw"})
+             for guest, path in zip(guests, paths)]
+    restores = [("restore", {"path": str(path)}) for path in paths]
+    for operation, batch in (("drain", saves), ("restore", restores)):
+        if operation == "restore" and cache is not None:
+            cache.drop(None)
+            for path in paths:
+                cache.drop(path)
+        started = time.monotonic()
+        if parallel:
+            running = [(_spawn_op(op, arguments), op) for op, arguments in batch]
+            for process, op in running:
+                _finish_op(process, op)
+        else:
+            for op, arguments in batch:
+                _op(op, arguments)
+        wall = time.monotonic() - started
+        total = sum(path.stat().st_size for path in paths)
+        host.append(HostSample(mode, operation, len(guests), wall, total))
+        log(f"{len(guests)} guests {operation} {mode}: {wall:.2f} s")
+    for path in paths:
+        path.unlink()
+
+
+def bench_host(args: argparse.Namespace, workdir: Path, images: Path, reaper: Reaper, cache: Cache,
+               host: list[HostSample]) -> None:
+    count = args.host_guests
+    guests = [Guest(GuestSpec(name=f"host{index}", qemu=SYSTEM_QEMU, memory_mib=1024,
+                              fill_mib=1024 - GUEST_OVERHEAD_MIB), workdir / f"host{index}")
+              for index in range(count)]
+    log(f"booting {count} guests of 1 GiB for the whole-host figures")
+    try:
+        with ThreadPoolExecutor(max_workers=count) as pool:  # boot (and fill) side by side
+            list(pool.map(lambda guest: guest.start(ready_timeout=900), guests))
+        for guest in guests:
+            reaper.own(guest.process.pid)
+        for rep in range(args.reps):
+            log(f"whole host, repetition {rep + 1}/{args.reps}")
+            write, read, size = dd(images, count * 1024, cache)
+            host.append(HostSample("dd", "write", count, write, size))
+            host.append(HostSample("dd", "read", count, read, size))
+            host_cache = None if args.warm_restores else cache
+            host_round(guests, images, host_cache, False, host)
+            host_round(guests, images, host_cache, True, host)
+    finally:
+        for guest in guests:
+            guest.stop()
+        for process in qemu_processes(str(workdir)):
+            kill_and_wait(process.pid)
+
+
 # --- reporting ----------------------------------------------------------------------------
-
-def medians(samples: list[Sample]) -> dict[tuple, dict[str, float]]:
-    grouped: dict[tuple, list[Sample]] = defaultdict(list)
-    for sample in samples:
-        grouped[(sample.size_gib, sample.contender, sample.image_format, sample.operation)].append(sample)
-    table = {}
-    for key, group in grouped.items():
-        table[key] = {
-            "seconds": statistics.median(s.seconds for s in group),
-            "bytes": statistics.median(s.image_bytes for s in group),
-            "rss_kib": max((s.rss_kib for s in group if s.rss_kib), default=None),
-            "runs": len(group),
-        }
-    return table
-
-
-def render(samples: list[Sample], sizes: list[int], reps: int, machine: str, command: str,
-           wall_minutes: float, cold_restores: bool) -> str:
-    table = medians(samples)
-    cache = "page cache dropped before every restore" if cold_restores else "restores from the page cache"
-    lines = [f"Run: `{command}` — {reps} repetition(s), medians; {cache}; whole run {wall_minutes:.1f} min.",
-             "",
-             machine, "",
-             "| RAM | contender | format | operation | seconds | image MiB | MiB/s | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|"]
-    for key in sorted(table, key=lambda k: (k[0], k[3], k[1], k[2])):
-        size, contender, image_format, operation = key
-        row = table[key]
-        rate = row["bytes"] / MIB / row["seconds"] if row["seconds"] else 0
-        rss = f"{row['rss_kib'] / 1024:.0f}" if row["rss_kib"] else ""
-        lines.append(f"| {size} GiB | {contender} | {image_format} | {operation} | {row['seconds']:.2f} | "
-                     f"{row['bytes'] / MIB:.0f} | {rate:.0f} | {rss} |")
-    lines += ["", "Targets (ratios of medians in this run; lower is better):", "",
-              "| RAM | target | measured | verdict |", "|---|---|---|---|"]
-    for size in sizes:
-        for name, value, limit in target_ratios(table, size):
-            verdict = "met" if value is not None and value <= limit else "missed" if value is not None else "n/a"
-            shown = f"{value:.2f}" if value is not None else "n/a"
-            lines.append(f"| {size} GiB | {name} (≤ {limit}) | {shown} | {verdict} |")
-    rss = [table.get((size, "savestate module_utils", "raw", "save"), {}).get("rss_kib") for size in sizes]
-    if all(rss):
-        lines += ["", "Peak RSS of a raw save at module_utils level: "
-                  + ", ".join(f"{size} GiB: {value / 1024:.0f} MiB" for size, value in zip(sizes, rss))
-                  + " (the stream never enters Python, so it does not grow with the guest)."]
-    return "\n".join(lines)
-
-
-def target_ratios(table: dict, size: int) -> list[tuple[str, Optional[float], float]]:
-    def seconds(contender: str, image_format: str, operation: str) -> Optional[float]:
-        row = table.get((size, contender, image_format, operation))
-        return row["seconds"] if row else None
-
-    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
-        return a / b if a is not None and b else None
-
-    ours = "savestate module_utils"
-    return [
-        ("save raw / QEMU migrate file: + fsync",
-         ratio(seconds(ours, "raw", "save"), seconds("QEMU migrate file:", "raw", "save+fsync")), 1.10),
-        ("save raw / virsh save raw", ratio(seconds(ours, "raw", "save"), seconds("virsh", "raw", "save")), 0.4),
-        ("save zstd / virsh save zstd", ratio(seconds(ours, "zstd", "save"),
-                                              seconds("virsh", "zstd", "save")), 0.5),
-        ("restore raw / virsh restore raw", ratio(seconds(ours, "raw", "restore"),
-                                                  seconds("virsh", "raw", "restore")), 0.5),
-        ("restore raw / QEMU -incoming file:", ratio(seconds(ours, "raw", "restore"),
-                                                     seconds("QEMU migrate file:", "raw", "restore")), 1.2),
-    ]
-
 
 def machine_facts() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
@@ -351,30 +410,21 @@ def run(args: argparse.Namespace) -> int:
     images = workdir / "images"
     images.mkdir()
     samples: list[Sample] = []
+    host: list[HostSample] = []
+    cache = Cache()
+    log(f"cold reads by {cache.method}")
     started = time.monotonic()
     try:
-        disk_bandwidth(images, max(args.sizes), samples)
         for size in args.sizes:
-            guest, libvirt, libvirt_name = boot_pair(size, workdir, reaper)
-            contenders = Contenders(guest, libvirt, libvirt_name, images, size, samples, args.cold_restores)
-            try:
-                for rep in range(args.reps):
-                    log(f"{size} GiB, repetition {rep + 1}/{args.reps}")
-                    contenders.qemu_file()
-                    for image_format in args.formats:
-                        contenders.savestate_module_utils(image_format)
-                        contenders.virsh(image_format)
-                        contenders.savestate_ansible(image_format)
-            finally:
-                guest.stop()
-                libvirt.close()
-                for process in qemu_processes(str(workdir)):
-                    kill_and_wait(process.pid)
+            bench_size(args, size, workdir, images, reaper, samples, cache)
+        if args.host_guests:
+            bench_host(args, workdir, images, reaper, cache, host)
     finally:
         reaper.stop()
     wall = (time.monotonic() - started) / 60
     command = "make bench" if args.command is None else args.command
-    report = render(samples, args.sizes, args.reps, machine_facts(), command, wall, args.cold_restores)
+    report = render(samples, host, args.sizes, args.formats, args.reps, machine_facts(), command, wall,
+                    not args.warm_restores, cache.method)
     print("\n" + report)
     if args.output:
         write_report(report, Path(args.output))
@@ -383,14 +433,21 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ints(value: str) -> list[int]:
+    return [int(x) for x in value.split(",") if x]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=lambda v: [int(x) for x in v.split(",")], default=[1, 2, 4],
-                        help="guest RAM sizes in GiB (default 1,2,4)")
+    parser.add_argument("--sizes", type=_ints, default=[1, 2, 4], help="guest RAM sizes in GiB (default 1,2,4)")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (default 3)")
     parser.add_argument("--formats", type=lambda v: v.split(","), default=["raw", "zstd", "sparse"])
-    parser.add_argument("--cold-restores", action="store_true",
-                        help="drop the page cache before every restore, so restores read the disk")
+    parser.add_argument("--warm-restores", action="store_true",
+                        help="restore from the page cache (the image was just written) instead of cold")
+    parser.add_argument("--sparse-channels", type=_ints, default=[],
+                        help="also run our sparse save/restore with these parallel_channels (e.g. 1,2)")
+    parser.add_argument("--host-guests", type=int, default=4,
+                        help="guests of 1 GiB for the whole-host drain/restore figures (0 skips them)")
     parser.add_argument("--workdir", default=str(CACHE_DIR / "bench"))
     parser.add_argument("--output", default=str(ROOT / "docs" / "performance.md"),
                         help="markdown file to update between the bench markers ('' to skip)")

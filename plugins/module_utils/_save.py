@@ -111,7 +111,7 @@ class SaveRequest:
     uuid: Optional[str] = None
     socket: Optional[str] = None
     image_format: ImageFormat = ImageFormat.RAW
-    parallel_channels: int = 1
+    parallel_channels: Optional[int] = None   # None: _stream.default_channels (issue 17)
     bypass_cache: bool = False
     restore_state: Optional[str] = None
     after_save: str = "stop"

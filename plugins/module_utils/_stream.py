@@ -204,6 +204,29 @@ def _sparse_settings(features: Features, parallel_channels: int, bypass_cache: b
     return {"mapped-ram": True, "multifd": True}, parameters
 
 
+# A sparse save is written by several multifd threads at once. Measured (docs/performance.md, issue 17,
+# interleaved medians on a 2-core host): 2 channels saved 1/2/4 GiB guests in 0.62/1.25/2.72 s where
+# 1 channel took 0.71/1.68/3.21 s (libvirt's plain mapped-ram: 0.70/1.69/3.21 s). More threads than
+# cores only contend for them; 4 caps the page-copy threads a large host gets by default. Restores keep 1:
+# a cold load is bound by the disk, and 2 channels did not load faster there.
+SPARSE_CHANNELS_CAP = 4
+
+
+def default_channels(image_format: ImageFormat) -> int:
+    """A save's multifd channels when the user gives none: one per core (at most 4) for sparse, else 1."""
+    if image_format != ImageFormat.SPARSE:
+        return 1
+    return max(1, min(usable_cores(), SPARSE_CHANNELS_CAP))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (a cpuset or affinity mask can allow fewer than the host has)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _check_options(image_format: ImageFormat, parallel_channels: int, bypass_cache: bool) -> None:
     if parallel_channels < 1:
         raise PreconditionError("number of parallel save channels cannot be less than 1")
@@ -217,9 +240,10 @@ def _check_options(image_format: ImageFormat, parallel_channels: int, bypass_cac
                 "does O_DIRECT I/O only on mapped-ram's multifd channels")
 
 
-def plan_save(image_format: ImageFormat, features: Features, parallel_channels: int = 1,
+def plan_save(image_format: ImageFormat, features: Features, parallel_channels: Optional[int] = None,
               bypass_cache: bool = False) -> StreamPlan:
     """Choose how a save streams into the image; raise PreconditionError if it cannot."""
+    parallel_channels = default_channels(image_format) if parallel_channels is None else parallel_channels
     _check_options(image_format, parallel_channels, bypass_cache)
     capabilities: dict[str, bool] = {"mapped-ram": False} if features.mapped_ram else {}
     parameters: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}

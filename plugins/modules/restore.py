@@ -123,6 +123,8 @@ options:
     description:
       - The number of threads QEMU reads a V(sparse) image with (multifd channels). Need not match the
         save's.
+      - Unlike a save's, the default stays 1. A load from a cold page cache is bound by the disk, and in the
+        collection's C(docs/performance.md) measurements two channels did not load faster than one.
     type: int
     default: 1
   timeout:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 
@@ -10,9 +11,11 @@ import pytest
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import MigrationError, PreconditionError
 from ansible_collections.savestate.qemu.plugins.module_utils._image import ImageFormat
 from ansible_collections.savestate.qemu.plugins.module_utils._stream import (
+    SPARSE_CHANNELS_CAP,
     UNLIMITED_BANDWIDTH,
     Features,
     HelperProcess,
+    default_channels,
     exec_command,
     plan_restore,
     plan_save,
@@ -53,6 +56,24 @@ def test_sparse_save_settings():
     plan = plan_save(ImageFormat.SPARSE, QEMU_10, parallel_channels=4, bypass_cache=True)
     assert plan.capabilities == {"mapped-ram": True, "multifd": True}
     assert plan.parameters["multifd-channels"] == 4 and plan.parameters["direct-io"] is True
+
+
+def test_sparse_channels_default_to_the_cores_capped():
+    expected = max(1, min(len(os.sched_getaffinity(0)), SPARSE_CHANNELS_CAP))
+    assert default_channels(ImageFormat.SPARSE) == expected
+    assert plan_save(ImageFormat.SPARSE, QEMU_10).parameters["multifd-channels"] == expected
+    assert plan_restore(ImageFormat.SPARSE, QEMU_10).parameters["multifd-channels"] == 1  # loads keep 1
+
+
+def test_an_explicit_channel_count_wins_over_the_default():
+    assert plan_save(ImageFormat.SPARSE, QEMU_10, parallel_channels=1).parameters["multifd-channels"] == 1
+
+
+@pytest.mark.parametrize("image_format", [ImageFormat.RAW, ImageFormat.ZSTD])
+def test_stream_formats_default_to_one_channel(image_format):
+    assert default_channels(image_format) == 1
+    plan_save(image_format, QEMU_10)  # no "only supported with sparse" refusal for the default
+    plan_restore(image_format, QEMU_10)
 
 
 def test_stream_formats_switch_mapped_ram_and_multifd_off():

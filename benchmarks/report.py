@@ -1,0 +1,226 @@
+"""Tables and target verdicts of ``make bench`` (see benchmarks/run.py).
+
+Everything here reads samples and prints markdown: no guest is touched. Ratios are
+ratios of medians over the run's repetitions; a target whose operands were not
+measured in this run (a format left out, one size only) is shown as ``n/a``.
+"""
+
+from __future__ import annotations
+
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Optional
+
+MIB = 1024 * 1024
+OURS = "savestate module_utils"
+ANSIBLE = "savestate via ansible"
+ANSIBLE_FIXED = "ansible fixed cost (ansible.builtin.ping)"
+QEMU = "QEMU migrate file:"
+VIRSH = "virsh"
+DISK = "disk (dd, O_DIRECT)"
+ANSIBLE_SLACK_S = 0.2
+
+
+@dataclass
+class Sample:
+    size_gib: int
+    contender: str
+    image_format: str
+    operation: str          # save, save+fsync, restore, write, read, task
+    seconds: float
+    image_bytes: int
+    rss_kib: Optional[int] = None
+    stream_s: Optional[float] = None   # the module's own stats.duration_s: QEMU streaming the image
+
+
+@dataclass
+class HostSample:
+    """One drain or restore of several guests at once or one after another."""
+
+    mode: str               # "in parallel" or "one after another"
+    operation: str          # drain, restore, write, read
+    guests: int
+    seconds: float          # wall time: until the last guest is saved / runs again
+    total_bytes: int
+
+
+@dataclass
+class Verdict:
+    name: str
+    measured: Optional[float]
+    limit: float
+    higher_is_better: bool = False
+    unit: str = "×"
+
+    @property
+    def verdict(self) -> str:
+        if self.measured is None:
+            return "n/a"
+        ok = self.measured >= self.limit if self.higher_is_better else self.measured <= self.limit
+        return "PASS" if ok else "MISS"
+
+    def row(self) -> str:
+        sign = "≥" if self.higher_is_better else "≤"
+        shown = f"{self.measured:.2f}{self.unit}" if self.measured is not None else "n/a"
+        return f"| {self.name} | {sign} {self.limit:g}{self.unit} | {shown} | **{self.verdict}** |"
+
+
+Table = dict[tuple, dict]
+
+
+def medians(samples: list[Sample]) -> Table:
+    grouped: dict[tuple, list[Sample]] = defaultdict(list)
+    for sample in samples:
+        grouped[(sample.size_gib, sample.contender, sample.image_format, sample.operation)].append(sample)
+    return {key: {"seconds": statistics.median(s.seconds for s in group),
+                  "bytes": statistics.median(s.image_bytes for s in group),
+                  "rss_kib": max((s.rss_kib for s in group if s.rss_kib), default=None),
+                  "outside_s": _median([s.seconds - s.stream_s for s in group if s.stream_s is not None]),
+                  "runs": len(group)}
+            for key, group in grouped.items()}
+
+
+def _median(values: list[float]) -> Optional[float]:
+    return statistics.median(values) if values else None
+
+
+def _seconds(table: Table, size: int, contender: str, image_format: str, operation: str) -> Optional[float]:
+    row = table.get((size, contender, image_format, operation))
+    return row["seconds"] if row else None
+
+
+def _rate(table: Table, key: tuple) -> Optional[float]:
+    row = table.get(key)
+    return row["bytes"] / MIB / row["seconds"] if row and row["seconds"] else None
+
+
+def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+    return a / b if a is not None and b else None
+
+
+def ansible_excess(table: Table, size: int, image_format: str, operation: str) -> Optional[float]:
+    """Seconds the ansible run took beyond module_utils + Ansible's fixed per-task cost."""
+    through = _seconds(table, size, ANSIBLE, image_format, operation)
+    direct = _seconds(table, size, OURS, image_format, operation)
+    fixed = _seconds(table, size, ANSIBLE_FIXED, "-", "task")
+    if through is None or direct is None or fixed is None:
+        return None
+    return through - direct - fixed
+
+
+def sample_rows(table: Table) -> list[str]:
+    lines = ["| RAM | contender | format | operation | seconds | image MiB | MiB/s | vs disk | "
+             "over module_utils + fixed | outside the stream | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in sorted(table, key=lambda k: (k[0], k[3], k[1], k[2])):
+        size, contender, image_format, operation = key
+        row = table[key]
+        rate = _rate(table, key)
+        disk_key = (size, DISK, "-", "read" if operation == "restore" else "write")
+        disk = _rate(table, disk_key) if operation in ("save", "save+fsync", "restore") else None
+        versus = f"{rate / disk:.2f}" if rate and disk else ""
+        excess = ansible_excess(table, size, image_format, operation) if contender == ANSIBLE else None
+        over = f"{excess:+.2f} s" if excess is not None else ""
+        rss = f"{row['rss_kib'] / 1024:.0f}" if row["rss_kib"] else ""
+        outside = f"{row['outside_s']:.2f}" if row["outside_s"] is not None else ""
+        shown_rate = f"{rate:.0f}" if rate and operation != "task" else ""
+        lines.append(f"| {size} GiB | {contender} | {image_format} | {operation} | {row['seconds']:.2f} | "
+                     f"{row['bytes'] / MIB:.0f} | {shown_rate} | {versus} | {over} | {outside} | {rss} |")
+    return lines
+
+
+def host_rows(samples: list[HostSample]) -> list[str]:
+    if not samples:
+        return []
+    grouped: dict[tuple, list[HostSample]] = defaultdict(list)
+    for sample in samples:
+        grouped[(sample.operation, sample.mode, sample.guests)].append(sample)
+    lines = ["| operation | how | guests | wall s (until the last guest is saved / runs again) | GiB | "
+             "aggregate MiB/s |", "|---|---|---|---|---|---|"]
+    for (operation, mode, guests), group in sorted(grouped.items()):
+        seconds = statistics.median(s.seconds for s in group)
+        total = statistics.median(s.total_bytes for s in group)
+        lines.append(f"| {operation} | {mode} | {guests} | {seconds:.2f} | {total / MIB / 1024:.2f} | "
+                     f"{total / MIB / seconds:.0f} |")
+    return lines
+
+
+def _host_median(samples: list[HostSample], operation: str, mode: str) -> Optional[tuple[float, float]]:
+    group = [s for s in samples if s.operation == operation and s.mode == mode]
+    if not group:
+        return None
+    seconds = statistics.median(s.seconds for s in group)
+    return seconds, statistics.median(s.total_bytes for s in group) / MIB / seconds
+
+
+def verdicts(table: Table, sizes: list[int], formats: list[str], host: list[HostSample],
+             cold: bool) -> list[Verdict]:
+    found: list[Verdict] = []
+    for size in sizes:
+        def sec(contender: str, image_format: str, operation: str) -> Optional[float]:
+            return _seconds(table, size, contender, image_format, operation)
+
+        for image_format in formats:
+            for operation in ("save", "restore"):
+                found.append(Verdict(f"{size} GiB {image_format} {operation}: via ansible − module_utils − "
+                                     "fixed per-task cost", ansible_excess(table, size, image_format, operation),
+                                     ANSIBLE_SLACK_S, unit=" s"))
+        found += [
+            Verdict(f"{size} GiB sparse save / virsh sparse save",
+                    _ratio(sec(OURS, "sparse", "save"), sec(VIRSH, "sparse", "save")), 1.0),
+            Verdict(f"{size} GiB raw save / QEMU migrate file: + fsync",
+                    _ratio(sec(OURS, "raw", "save"), sec(QEMU, "raw", "save+fsync")), 1.05),
+            Verdict(f"{size} GiB raw save / virsh raw save",
+                    _ratio(sec(OURS, "raw", "save"), sec(VIRSH, "raw", "save")), 0.4),
+        ]
+        temperature = "cold" if cold else "warm (run without --warm-restores for the target)"
+        found.append(Verdict(f"{size} GiB raw restore / QEMU -incoming, {temperature}",
+                             _ratio(sec(OURS, "raw", "restore"), sec(QEMU, "raw", "restore")), 1.1))
+        for image_format in formats:
+            found.append(Verdict(f"{size} GiB {image_format} restore / virsh restore, {temperature}",
+                                 _ratio(sec(OURS, image_format, "restore"), sec(VIRSH, image_format, "restore")),
+                                 0.8))
+    found += _host_verdicts(host)
+    rss = [table.get((size, OURS, "raw", "save"), {}).get("rss_kib") for size in sizes]
+    flat = max(rss) / min(rss) if len(sizes) > 1 and all(rss) else None
+    found.append(Verdict(f"module peak RSS, largest / smallest guest ({', '.join(f'{s} GiB' for s in sizes)})",
+                         flat, 1.1))
+    return found
+
+
+def _host_verdicts(host: list[HostSample]) -> list[Verdict]:
+    found = []
+    for operation, disk_operation in (("drain", "write"), ("restore", "read")):
+        parallel = _host_median(host, operation, "in parallel")
+        serial = _host_median(host, operation, "one after another")
+        disk = _host_median(host, disk_operation, "dd")
+        found.append(Verdict(f"4 guests {operation} in parallel: aggregate / dd {disk_operation} bandwidth",
+                             _ratio(parallel[1], disk[1]) if parallel and disk else None, 0.8, True))
+        found.append(Verdict(f"4 guests {operation}: one after another / in parallel (wall)",
+                             _ratio(serial[0], parallel[0]) if parallel and serial else None, 1.5, True))
+    return found
+
+
+def render(samples: list[Sample], host: list[HostSample], sizes: list[int], formats: list[str], reps: int,
+           machine: str, command: str, wall_minutes: float, cold: bool, cache_note: str) -> str:
+    table = medians(samples)
+    cache = (f"page cache dropped before every restore ({cache_note})" if cold
+             else "restores from the page cache (--warm-restores)")
+    lines = [f"Run: `{command}` — {reps} repetition(s), medians; {cache}; whole run {wall_minutes:.1f} min.",
+             "", machine, "",
+             "*vs disk*: the row's MiB/s over the disk's own O_DIRECT bandwidth measured in the same run "
+             "(read for restores, write for saves). *over module_utils + fixed*: an `ansible` row's time minus "
+             "the module_utils row's minus Ansible's fixed per-task cost (an `ansible.builtin.ping` task, same run). "
+             "*outside the stream*: the row's time minus the module's own `stats.duration_s` (QEMU streaming the "
+             "image), i.e. everything but the stream: start-up, checks, QMP, fsyncs, Ansible.",
+             ""]
+    lines += sample_rows(table)
+    if host:
+        lines += ["", "Whole host (4 guests of 1 GiB, RAM filled; module_utils processes, raw format; restores "
+                  + ("cold" if cold else "warm") + "):", ""]
+        lines += host_rows(host)
+    lines += ["", "Targets (issue 17, ratios of medians in this run):", "",
+              "| target | limit | measured | verdict |", "|---|---|---|---|"]
+    lines += [verdict.row() for verdict in verdicts(table, sizes, formats, host, cold)]
+    return "\n".join(lines)
