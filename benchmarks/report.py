@@ -158,7 +158,7 @@ def verdicts(table: Table, sizes: list[int], formats: list[str], host: list[Host
              cold: bool) -> list[Verdict]:
     found: list[Verdict] = []
     for size in sizes:
-        def sec(contender: str, image_format: str, operation: str) -> Optional[float]:
+        def sec(contender: str, image_format: str, operation: str, size: int = size) -> Optional[float]:
             return _seconds(table, size, contender, image_format, operation)
 
         for image_format in formats:

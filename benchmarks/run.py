@@ -261,7 +261,7 @@ def dd(directory: Path, mib: int, cache: Cache) -> tuple[float, float, int]:
     for argv in (["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={count}", "oflag=direct", "conv=fsync"],
                  ["dd", f"if={target}", "of=/dev/null", "bs=4M", "iflag=direct"]):
         cache.drop(target if target.exists() else None)
-        times.append(timed(lambda: subprocess.run(argv, check=True, capture_output=True)))
+        times.append(timed(lambda argv=argv: subprocess.run(argv, check=True, capture_output=True)))
     size = target.stat().st_size
     target.unlink()
     return times[0], times[1], size

@@ -696,6 +696,8 @@ def _write_journal(path: str, fd: int, old_bytes: bytes) -> None:
     name = _journal_name(info)
     record = _encode_journal(_journal_identity(fd, info, len(old_bytes)), old_bytes)
     dir_fd = _open_journal_dir(create=True)
+    if dir_fd is None:  # created if missing: only a race with its removal gets here
+        raise ImageError(f"{path}: the journal directory {journal_directory()} could not be created")
     try:
         entry = _read_journal_entry(dir_fd, name, journal_path_for(info))
         # A journal of ours for another file that had this device and inode (deleted since,

@@ -70,7 +70,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image_info import 
     load_image,
     parse_image_xml,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, load_key
+from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, config_dir, load_key
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_gone, read_cwd
 from ansible_collections.savestate.qemu.plugins.module_utils._systemd import (
@@ -430,6 +430,8 @@ class GuestSaver:
         if resumed is not None:
             return self._after_save(resumed, before, None)
         key = load_key()  # before the guest stops: a key problem must not cost it a pause
+        if key is None:
+            raise PreconditionError(f"the host's image key could not be created in {config_dir()}")
         status = self.monitor.status()
         was_running = journal.was_running if journal else status == "running"
         if status == "running":

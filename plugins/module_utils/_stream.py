@@ -461,6 +461,8 @@ class Stream:
         qemu_end, helper_end = _socketpair()
         with qemu_end, helper_end:
             compressor = self.plan.compressor
+            if compressor is None:
+                raise PreconditionError("internal error: a compressed stream was planned without a compressor")
             if self.outgoing:
                 self.helper = HelperProcess(compressor.compress_argv, helper_end.fileno(), self.fd)
             else:
@@ -533,7 +535,8 @@ class Stream:
         wait. No answer by then is None, and the caller's deadline check says why.
         """
         try:
-            return self.monitor.query_migrate(timeout=time_left(deadline, EVENT_SLICE))
+            reply: Optional[dict[str, Any]] = self.monitor.query_migrate(timeout=time_left(deadline, EVENT_SLICE))
+            return reply
         except MonitorTimeoutError:
             return None
 

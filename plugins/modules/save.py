@@ -260,6 +260,8 @@ qmp_trace:
   elements: dict
 """
 
+from typing import Any
+
 from ansible.module_utils.basic import AnsibleModule, missing_required_lib
 
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import HAS_LXML, LXML_IMPORT_ERROR
@@ -282,7 +284,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._save import (
 DEFAULT_MODE = "0600"
 
 
-def build_request(params: dict) -> SaveRequest:
+def build_request(params: dict[str, Any]) -> SaveRequest:
     return SaveRequest(
         path=params["path"],
         name=params["name"],
