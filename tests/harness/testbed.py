@@ -221,6 +221,15 @@ class TestbedHost(SystemdHost):
         guest.start()
         return guest
 
+    def memory_pss_mib(self) -> float:
+        """Proportional set size of every process of the host (its guests included), in MiB."""
+        total = 0
+        for pid in cgroup_pids(self._cgroup_dirs()[0]) if self._cgroup_dirs() else []:
+            with contextlib.suppress(OSError, StopIteration):
+                rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+                total += int(next(line.split()[1] for line in rollup if line.startswith("Pss:")))
+        return total / 1024
+
     def path(self, inside: str) -> Path:
         """A path inside the host, as the controller sees it (through the host's overlay)."""
         return self.merged / inside.lstrip("/")
