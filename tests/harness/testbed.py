@@ -686,8 +686,8 @@ def _links(config: TestbedConfig) -> list[str]:
     """The fleet's bridge and any host-side veth (``vb-NAME-hvN``) a dead nspawn left."""
     out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True, check=False).stdout
     names = [line.split(":")[1].strip().split("@")[0] for line in out.splitlines() if ":" in line]
-    return [n for n in names if n.startswith(f"vb-{config.name}-hv")] + \
-           ([config.bridge] if config.bridge in names else [])
+    veths = [n for n in names if n.startswith(f"vb-{config.name}-hv")]
+    return veths + ([config.bridge] if config.bridge in names else [])
 
 
 def leftovers(config: TestbedConfig | None = None) -> list[str]:
@@ -762,7 +762,7 @@ def _config_from(args: argparse.Namespace) -> TestbedConfig:
 
 
 def main(argv: Sequence[str]) -> int:
-    parser = argparse.ArgumentParser(prog="python3 -m harness.testbed", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python3 -m harness.testbed", description=__doc__.split("\n\n", maxsplit=1)[0])
     parser.add_argument("--name", default=DEFAULT_NAME, help="prefix of machines, cgroups and the bridge")
     parser.add_argument("--subnet", default=DEFAULT_SUBNET, help="first three octets of the private /24")
     parser.add_argument("--dir", default=str(DEFAULT_BASE), help="where overlays, keys and the inventory live")
