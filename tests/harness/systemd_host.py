@@ -215,22 +215,32 @@ class CommandResult:
 
 
 class SystemdHost:
-    """One booted container: ``boot()``, ``ssh()``/``sh()``, ``poweroff()``, ``destroy()``."""
+    """One booted container: ``boot()``, ``ssh()``/``sh()``, ``poweroff()``, ``destroy()``.
 
-    def __init__(self, workdir: Path, guest_assets: Path | None = None) -> None:
+    ``machine`` names the container (and its cgroup, ``MACHINE-<pid of the launcher>``);
+    ``key`` is the controller's SSH key (one is generated in ``workdir/keys`` when omitted;
+    only its public half is bound into the container). Subclasses (the multi-host test bed,
+    :mod:`harness.testbed`) change the network with :meth:`network_args`, write per-host
+    files into the overlay with :meth:`prepare_overlay` and reach sshd with :meth:`ssh_options`.
+    """
+
+    def __init__(self, workdir: Path, guest_assets: Path | None = None, *, machine: str = MACHINE,
+                 key: Path | None = None, bind_collection: bool = True) -> None:
         self.workdir = workdir
         self.guest_assets = guest_assets or CACHE_DIR / "guest"
+        self.machine = machine
+        self.bind_collection = bind_collection
         self.upper = workdir / "upper"
         self.overlay_work = workdir / "work"
         self.merged = workdir / "merged"
         self.keys = workdir / "keys"
         self.console_log = workdir / "console.log"
-        self.cgroup_name = f"{MACHINE}-{os.getpid()}"
+        self.cgroup_name = f"{machine}-{os.getpid()}"
         self.process: subprocess.Popen[bytes] | None = None
         self.leader: int | None = None
         for path in (self.upper, self.overlay_work, self.merged, self.keys):
             path.mkdir(parents=True, exist_ok=True)
-        self.key = self.keys / "id_ed25519"
+        self.key = key or self.keys / "id_ed25519"
         if not self.key.exists():
             _run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(self.key)])
         (self.keys / "authorized_keys").write_text(self.key.with_suffix(".pub").read_text())
@@ -243,6 +253,7 @@ class SystemdHost:
         reap_stale_containers()
         try:
             self._mount_overlay()
+            self.prepare_overlay()
             self._start_nspawn()
             self._wait_booted(timeout)
         except BaseException:
@@ -254,6 +265,13 @@ class SystemdHost:
             return
         _run(["mount", "-t", "overlay", "overlay", "-o",
               f"lowerdir={rootfs()},upperdir={self.upper},workdir={self.overlay_work}", str(self.merged)])
+
+    def prepare_overlay(self) -> None:
+        """Write per-host files into the mounted overlay before the boot (none here)."""
+
+    def network_args(self) -> list[str]:
+        """nspawn's network options: a private network with only a loopback here."""
+        return ["--private-network"]
 
     def _cgroup_dirs(self) -> list[Path]:
         base = Path("/sys/fs/cgroup")
@@ -269,11 +287,12 @@ class SystemdHost:
             (directory / "cgroup.procs").write_text(str(os.getpid()))
 
     def _start_nspawn(self) -> None:
-        argv = ["systemd-nspawn", "--boot", "--quiet", "-D", str(self.merged), f"--machine={MACHINE}",
-                "--keep-unit", "--register=no", "--private-network", "--console=passive",
+        argv = ["systemd-nspawn", "--boot", "--quiet", "-D", str(self.merged), f"--machine={self.machine}",
+                "--keep-unit", "--register=no", *self.network_args(), "--console=passive",
                 f"--bind-ro={self.guest_assets}:{GUEST_ASSETS_IN_HOST}",
                 *([f"--bind-ro={QEMU72_DIR}:{QEMU72_IN_HOST}"] if QEMU72_DIR.is_dir() else []),
-                f"--bind-ro={self.keys}:{KEYS_IN_HOST}", f"--bind-ro={PROJECT_ROOT}:{COLLECTION_IN_HOST}"]
+                f"--bind-ro={self.keys}:{KEYS_IN_HOST}",
+                *([f"--bind-ro={PROJECT_ROOT}:{COLLECTION_IN_HOST}"] if self.bind_collection else [])]
         env = {**os.environ, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY": "1"}
         with open(self.console_log, "ab") as log:
             self.process = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -357,7 +376,7 @@ class SystemdHost:
         if os.path.ismount(self.merged):
             subprocess.run(["umount", "-l", str(self.merged)], check=False)
         with contextlib.suppress(OSError):  # nspawn's mount propagation directory, empty once it exits
-            Path(f"/run/systemd/nspawn/propagate/{MACHINE}").rmdir()
+            Path(f"/run/systemd/nspawn/propagate/{self.machine}").rmdir()
         for directory in self._cgroup_dirs():
             for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
                 with contextlib.suppress(OSError):
@@ -374,7 +393,7 @@ class SystemdHost:
         return _capture(["nsenter", "-t", str(self.leader), "-a", *argv], timeout)
 
     def ssh_argv(self, user: str = "root") -> list[str]:
-        return ["ssh", "-F", "/dev/null", *self.ssh_options(), "-l", user, MACHINE]
+        return ["ssh", "-F", "/dev/null", *self.ssh_options(), "-l", user, self.machine]
 
     def ssh_options(self) -> list[str]:
         proxy = f"nsenter -t {self.leader} -n {sys.executable} {HARNESS_DIR / 'tcp_relay.py'} 127.0.0.1 22"
@@ -431,7 +450,7 @@ class SystemdHost:
     def inventory(self) -> str:
         """An Ansible inventory (INI) for this host: SSH as the test user, ``become`` to root."""
         common = " ".join(shlex.quote(o) for o in self.ssh_options())
-        return (f"[hv]\n{MACHINE} ansible_host={MACHINE} ansible_user={TEST_USER} ansible_become=true"
+        return (f"[hv]\n{self.machine} ansible_host={self.machine} ansible_user={TEST_USER} ansible_become=true"
                 f" ansible_python_interpreter={VENV_IN_HOST}/bin/python"
                 f" ansible_ssh_common_args={shlex.quote(common)}\n")
 
@@ -451,21 +470,42 @@ def reap_stale_containers() -> None:
             owner = directory.name.rsplit("-", 1)[-1]
             if not owner.isdigit() or Path(f"/proc/{owner}").exists():
                 continue
-            for procs in directory.rglob("cgroup.procs"):
-                for pid in procs.read_text().split():
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(pid), signal.SIGKILL)
-            time.sleep(0.5)
-            for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
-                with contextlib.suppress(OSError):
-                    sub.rmdir()
-            with contextlib.suppress(OSError):
-                directory.rmdir()
+            kill_cgroup(directory)
     for line in Path("/proc/self/mounts").read_text().splitlines():
         fields = line.split()
         if fields[0] == "overlay" and f"lowerdir={CACHE_ROOT}/" in fields[3] and "/ssq-hv-" in fields[1]:
             if next(_live_processes_under(fields[1]), None) is None:
                 subprocess.run(["umount", "-l", fields[1]], check=False)
+
+
+def cgroup_pids(directory: Path) -> list[int]:
+    """Every process in a cgroup and its children (none when it is gone)."""
+    pids: list[int] = []
+    with contextlib.suppress(OSError):
+        for procs in directory.rglob("cgroup.procs"):
+            with contextlib.suppress(OSError):
+                pids += [int(pid) for pid in procs.read_text().split()]
+    return pids
+
+
+def kill_cgroup(directory: Path, timeout: float = 10.0) -> None:
+    """SIGKILL everything in a cgroup tree until it is empty, then remove its directories."""
+    deadline = time.monotonic() + timeout
+    while (pids := cgroup_pids(directory)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    for sub in sorted((p for p in directory.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        with contextlib.suppress(OSError):
+            sub.rmdir()
+    with contextlib.suppress(OSError):
+        directory.rmdir()
+
+
+def cgroup_roots() -> list[Path]:
+    """The cgroup hierarchies the containers' cgroups are created in."""
+    return _cgroup_roots()
 
 
 def _live_processes_under(root: str) -> Iterator[int]:
