@@ -333,3 +333,77 @@ def _manual(fleet: Fleet, guest: TestbedGuest, moved: TestbedGuest) -> dict[str,
     finally:
         key.unlink()
     return {"wall_s": round(wall, 1), "downtime_s": round(down, 1)}
+
+
+KEY_PLAY = """
+- name: Authorize a move's key on hv1 for hv2, as guest_move does before the save
+  hosts: hv1
+  gather_facts: false
+  tasks:
+    - name: Set up the key
+      ansible.builtin.include_role:
+        name: savestate.qemu.guest_move
+        tasks_from: ssh_setup
+      vars:
+        guest_move_name: ssq-key
+        guest_move_destination: hv2
+        guest_move__source_image: /var/lib/savestate/move/ssq-key.save
+        guest_move__source_address: "{{ ansible_host }}"
+    - name: Tell the test where the key is
+      ansible.builtin.debug:
+        msg: "KEYDIR={{ guest_move__ssh_tmp.path }}"
+"""
+
+CLEANUP_PLAY = """
+- name: Remove the key, as guest_move does after the transfer
+  hosts: hv1
+  gather_facts: false
+  tasks:
+    - name: Clean up
+      ansible.builtin.include_role:
+        name: savestate.qemu.guest_move
+        tasks_from: ssh_cleanup
+      vars:
+        guest_move_name: ssq-key
+        guest_move_destination: hv2
+        guest_move__ssh_tmp: {path: "{{ keydir }}"}
+        guest_move__authorized_keys: /root/.ssh/authorized_keys
+        guest_move__key_marker: "{{ marker }}"
+"""
+
+
+def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Fleet) -> None:
+    hv1, hv2, hv3 = testbed["hv1"], testbed["hv2"], testbed["hv3"]
+    hv1.sh(f"mkdir -p {MOVE_DIR} && echo the-image > {MOVE_DIR}/ssq-key.save && echo secret > /root/secret")
+    run = testbed.run_playbook(KEY_PLAY).check()
+    keydir = re.search(r"KEYDIR=(/tmp/savestate-move\.\w+)", run.stdout).group(1)
+    line = next(x for x in hv1.sh("cat /root/.ssh/authorized_keys").splitlines() if KEY_MARKER in x)
+    assert line.startswith('restrict,from="10.213.7.12",expiry-time="') and 'command="' in line
+    ssh = (f"ssh -F /dev/null -T -i {keydir}/id -o BatchMode=yes -o IdentitiesOnly=yes "
+           f"-o UserKnownHostsFile={keydir}/known_hosts -o GlobalKnownHostsFile=/dev/null "
+           f"-o StrictHostKeyChecking=yes -o HostKeyAlias=savestate-move-source -l root hv1")
+    try:
+        # Whatever hv2 asks for, it gets the image and nothing else.
+        assert hv2.ssh(f"{ssh} stream").stdout == "the-image\n"
+        assert hv2.ssh(f"{ssh} cat /root/secret").stdout == "the-image\n"
+        assert "secret" not in hv2.ssh(f"{ssh} -tt bash -c 'cat /root/secret'").stdout
+        forward = hv2.ssh(f"timeout 5 {ssh} -N -L 127.0.0.1:2300:127.0.0.1:22 & sleep 2; "
+                          "timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/2300; head -c 20 <&3'; wait")
+        assert "SSH-2.0" not in forward.stdout  # no port forwarding
+        # From another host (the key copied there), sshd refuses it: from= holds.
+        hv3.sh(f"mkdir -p {keydir}")
+        for name in ("id", "known_hosts"):
+            hv3.path(f"{keydir}/{name}").write_bytes(hv2.path(f"{keydir}/{name}").read_bytes())
+        hv3.sh(f"chmod 600 {keydir}/id")
+        stolen = hv3.ssh(f"{ssh} stream")
+        assert stolen.returncode == 255 and "Permission denied" in stolen.stderr
+        # A host pretending to be hv1 (another host key) is refused by the pinned known_hosts.
+        spoof = hv2.ssh(f"{ssh.replace('-l root hv1', '-l root hv3')} stream")
+        assert spoof.returncode == 255 and "IDENTIFICATION HAS CHANGED" in spoof.stderr
+    finally:
+        marker = line.split()[-1]
+        testbed.run_playbook(CLEANUP_PLAY, {"keydir": keydir, "marker": marker}).check()
+        hv3.sh(f"rm -rf {keydir}")
+        hv1.sh(f"rm -f {MOVE_DIR}/ssq-key.save /root/secret")
+    _no_key_left(testbed, "hv1", "hv2")
+    assert hv2.ssh(f"{ssh} stream").returncode == 255  # the key is gone
