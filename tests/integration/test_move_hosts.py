@@ -107,8 +107,8 @@ def test_move_there_and_back_over_ssh(testbed: Fleet, testbed_guest: Callable[..
     _no_key_left(testbed, "hv1", "hv2")
 
 
-def test_move_refused_before_the_save_without_the_machine_type(testbed: Fleet,
-                                                                testbed_guest: Callable[..., TestbedGuest]) -> None:
+def test_move_refused_before_the_save_without_the_machine_type(
+        testbed: Fleet, testbed_guest: Callable[..., TestbedGuest]) -> None:
     guest = testbed_guest("hv1", "ssq-mvh2", memory_mib=256)
     _prepare(testbed, "hv2")
     pids = guest.pids()

@@ -75,7 +75,7 @@ def test_the_list_is_bounded():
 
 def test_deep_json_is_not_followed_forever():
     node: dict = {"filename": "/srv/deep.raw"}
-    for _ in range(200):
+    for _level in range(200):
         node = {"driver": "raw", "file": node}
     assert guest_disks([QEMU, "-blockdev", json.dumps(node)]) == []
 
