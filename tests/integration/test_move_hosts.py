@@ -39,6 +39,9 @@ if REASON:
     pytest.skip(f"no test bed: {REASON}", allow_module_level=True)
 
 MOVE_DIR = "/var/lib/savestate/move"
+# The fleet's image key (the image_key role installs it on both hosts): the destination
+# restores only images signed with a key it holds.
+IMAGE_KEY = "5a" * 32
 KEY_MARKER = "savestate-move:"
 
 MOVE_PLAY = """
@@ -62,8 +65,8 @@ def _prepare(fleet: Fleet, *hosts: str) -> None:
 
 
 def _move(fleet: Fleet, guest: str, source: str, destination: str, **extra: Any) -> PlaybookRun:
-    return fleet.run_playbook(MOVE_PLAY, {"move_guest": guest, "move_from": source, "move_to": destination, **extra},
-                              timeout=900)
+    return fleet.run_playbook(MOVE_PLAY, {"move_guest": guest, "move_from": source, "move_to": destination,
+                                          "savestate_qemu_image_key": IMAGE_KEY, **extra}, timeout=900)
 
 
 def _no_key_left(fleet: Fleet, *hosts: str) -> None:
