@@ -406,10 +406,10 @@ def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Flee
                           "timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/2300; head -c 20 <&3'; wait")
         assert "SSH-2.0" not in forward.stdout  # no port forwarding
         # From another host (the key copied there), sshd refuses it: from= holds.
-        hv3.sh(f"mkdir -p {keydir}")
+        # (/tmp is each host's own tmpfs: copy through SSH.)
         for name in ("id", "known_hosts"):
-            hv3.path(f"{keydir}/{name}").write_bytes(hv2.path(f"{keydir}/{name}").read_bytes())
-        hv3.sh(f"chmod 600 {keydir}/id")
+            data = hv2.sh(f"base64 -w0 {keydir}/{name}").strip()
+            hv3.sh(f"mkdir -p {keydir} && echo {data} | base64 -d > {keydir}/{name} && chmod 600 {keydir}/{name}")
         stolen = hv3.ssh(f"{ssh} stream")
         assert stolen.returncode == 255 and "Permission denied" in stolen.stderr
         # A host pretending to be hv1 (another host key) is refused by the pinned known_hosts.
