@@ -29,8 +29,9 @@ from typing import Any
 
 import pytest
 
+from harness import testbed as tb
 from harness.systemd_host import unavailable_reason
-from harness.testbed import GUESTS_DIR, QEMU72_IN_HOST, QMP_DIR, Fleet, PlaybookRun, TestbedGuest
+from harness.testbed import GUESTS_DIR, QEMU72_IN_HOST, QMP_DIR, Fleet, PlaybookRun
 
 pytestmark = [pytest.mark.integration]
 
@@ -82,7 +83,7 @@ def _images(fleet: Fleet, host: str) -> list[str]:
     return fleet[host].ssh(f"ls -A {MOVE_DIR} 2>/dev/null").stdout.split()
 
 
-def _continued_on(moved: TestbedGuest, source: TestbedGuest) -> None:
+def _continued_on(moved: tb.TestbedGuest, source: tb.TestbedGuest) -> None:
     """The guest went on, on the destination, from the last tick it wrote on the source: the
     destination's log (which may hold ticks of an earlier stay there) goes on from that tick + 1,
     one tick after the other, without a new boot."""
@@ -99,7 +100,7 @@ def _failure(run: PlaybookRun) -> str:
     return run.stdout + run.stderr
 
 
-def test_move_there_and_back_over_ssh(testbed: Fleet, testbed_guest: Callable[..., TestbedGuest]) -> None:
+def test_move_there_and_back_over_ssh(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) -> None:
     guest = testbed_guest("hv1", "ssq-mvh1", memory_mib=256)
     _prepare(testbed, "hv2")
     guest.wait_tick_above(2)
@@ -123,7 +124,7 @@ def test_move_there_and_back_over_ssh(testbed: Fleet, testbed_guest: Callable[..
 
 
 def test_move_refused_before_the_save_without_the_machine_type(
-        testbed: Fleet, testbed_guest: Callable[..., TestbedGuest]) -> None:
+        testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) -> None:
     guest = testbed_guest("hv1", "ssq-mvh2", memory_mib=256)
     _prepare(testbed, "hv2")
     pids = guest.pids()
@@ -139,7 +140,7 @@ def test_move_refused_before_the_save_without_the_machine_type(
 
 
 def test_move_refused_before_the_save_when_the_destination_lacks_the_disk(
-        testbed: Fleet, testbed_guest: Callable[..., TestbedGuest]) -> None:
+        testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) -> None:
     # The disk is in hv1's private /var/lib/qemu-guests: hv2 does not see it.
     guest = testbed_guest("hv1", "ssq-mvh3", memory_mib=256, disk_mib=8)
     _prepare(testbed, "hv2")
@@ -187,7 +188,7 @@ def _kill_copy_when_started(partial: Path, pattern: bytes, killed: list[int], st
 
 @pytest.mark.parametrize("transfer", ["ssh", "controller"])
 def test_killed_copy_leaves_the_guest_on_the_source_and_a_rerun_works(
-        testbed: Fleet, testbed_guest: Callable[..., TestbedGuest], transfer: str) -> None:
+        testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest], transfer: str) -> None:
     # Random data in RAM so that the image is large enough to be caught mid-transfer.
     name = f"ssq-mvh4{transfer[0]}"
     guest = testbed_guest("hv1", name, fill_mib=384)
@@ -271,7 +272,7 @@ class Sampler:
             thread.join()
 
 
-def _downtime(before: TestbedGuest, after: TestbedGuest, action: Callable[[], None]) -> tuple[float, float]:
+def _downtime(before: tb.TestbedGuest, after: tb.TestbedGuest, action: Callable[[], None]) -> tuple[float, float]:
     """Wall time of ``action`` and the guest's downtime: from the last tick seen on the source to
     the first new tick seen on the destination (serial logs polled every 20 ms; ticks every 100 ms)."""
     seen: dict[str, float] = {}
@@ -303,7 +304,7 @@ def _downtime(before: TestbedGuest, after: TestbedGuest, action: Callable[[], No
 
 
 @pytest.mark.skipif(not os.environ.get("SAVESTATE_MOVE_FIGURES"), reason="SAVESTATE_MOVE_FIGURES=1 measures 1 GiB moves")
-def test_figures_1gib(testbed: Fleet, testbed_guest: Callable[..., TestbedGuest]) -> None:
+def test_figures_1gib(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) -> None:
     guest = testbed_guest("hv1", "ssq-mvbig", fill_mib=1024 - 128, memory_mib=1024)
     _prepare(testbed, "hv2")
     figures: dict[str, Any] = {}
@@ -325,7 +326,7 @@ def test_figures_1gib(testbed: Fleet, testbed_guest: Callable[..., TestbedGuest]
     print("MOVE FIGURES " + json.dumps(figures))
 
 
-def _manual(fleet: Fleet, guest: TestbedGuest, moved: TestbedGuest) -> dict[str, Any]:
+def _manual(fleet: Fleet, guest: tb.TestbedGuest, moved: tb.TestbedGuest) -> dict[str, Any]:
     """What an operator does by hand: save on hv1, scp as root hv1 -> hv2, restore on hv2."""
     hv1, hv2 = fleet["hv1"], fleet["hv2"]
     key = hv1.path("/root/.ssh/id_manual")
