@@ -29,6 +29,7 @@ so that tests can build a fake tree.
 from __future__ import annotations
 
 import base64
+import json
 import math
 import os
 import re
@@ -69,6 +70,8 @@ from ansible_collections.savestate.qemu.plugins.module_utils._proc import (
     read_status,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
+    PATH_VALUED_OPTIONS,
+    iter_options,
     option_dict,
     option_values,
     split_option_string,
@@ -89,6 +92,12 @@ _UUID_FORM = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-
 _TRUE = frozenset(("", "on", "yes", "true", "y"))
 _WILDCARD_HOSTS = frozenset(("", "0.0.0.0", "::", "127.0.0.1", "::1", "localhost"))
 _SIZE_SUFFIXES = {"b": 1 / (1 << 20), "k": 1 / 1024, "m": 1, "g": 1 << 10, "t": 1 << 20}
+MAX_DISKS = 256           # disk paths reported per guest; more come only from a hostile command line
+MAX_DISK_PATH = 4096      # PATH_MAX: a longer "path" is no file QEMU could have opened
+_JSON_DEPTH = 16          # nesting followed in a -blockdev/-drive JSON object
+_PROTOCOL = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*:")  # nbd:, iscsi:, json:, ... (not a local file)
+_READ_ONLY_KEYS = frozenset(("readonly", "read-only"))
+_READ_ONLY_SHORTHANDS = frozenset(("cdrom",))
 
 
 @dataclass(frozen=True)
@@ -398,6 +407,90 @@ def _last_path_option(argv: Sequence[str], option: str, cwd: str | None) -> str 
     return _absolute(values[-1], cwd) if values and values[-1] else None
 
 
+@dataclass(frozen=True)
+class GuestDisk:
+    """A local file or device the guest's command line opens as a disk."""
+
+    path: str         # absolute where QEMU's working directory is known
+    read_only: bool   # readonly/read-only set on the option, or a CD-ROM
+    option: str       # the option that names it: drive, blockdev, or a shorthand (hda, cdrom, ...)
+
+    def report(self) -> dict[str, Any]:
+        return {"path": self.path, "read_only": self.read_only, "option": self.option}
+
+
+def guest_disks(argv: Sequence[str], cwd: str | None = None) -> list[GuestDisk]:
+    """The local disk paths in a QEMU command line, in order, each once.
+
+    Reads ``-drive`` (``file=``, ``file.filename=``), ``-blockdev`` (``filename``, as
+    ``key=value`` or JSON) and the shorthand options (``-hda PATH``). Protocols
+    (``nbd:``, ``json:`` pseudo-paths, network drivers) are not local files and are left
+    out. The command line is hostile input: values that are not plausible paths are
+    skipped and the list is capped at MAX_DISKS.
+    """
+    disks: dict[str, GuestDisk] = {}
+    for _index, option, value in iter_options(argv):
+        if not value or len(disks) >= MAX_DISKS:
+            continue
+        for path, read_only in _disk_paths_of(option, value):
+            disk = _local_disk(path, read_only, option, cwd)
+            if disk is not None and (disk.path not in disks or disk.read_only < disks[disk.path].read_only):
+                # A path opened both ways counts as writable: that is what the destination must allow.
+                disks[disk.path] = disk
+    return list(disks.values())[:MAX_DISKS]
+
+
+def _disk_paths_of(option: str, value: str) -> list[tuple[str, bool]]:
+    if option in PATH_VALUED_OPTIONS:
+        return [(value, option in _READ_ONLY_SHORTHANDS)]
+    if option not in ("drive", "blockdev"):
+        return []
+    if value.lstrip().startswith("{"):
+        return _json_disk_paths(value)
+    options = option_dict(value)
+    read_only = any(_on(options.get(key)) for key in _READ_ONLY_KEYS) or options.get("media") == "cdrom"
+    keys = ("filename",) if option == "blockdev" else ("file", "filename")
+    return [(path, read_only) for key, path in options.items()
+            if (key in keys or key.endswith(".filename")) and path]
+
+
+def _json_disk_paths(value: str) -> list[tuple[str, bool]]:
+    try:
+        parsed = json.loads(value)
+    except (ValueError, RecursionError):  # RecursionError: nesting deeper than Python's stack
+        return []
+    found: list[tuple[str, bool]] = []
+    _walk_json(parsed, False, found, 0)
+    return found
+
+
+def _walk_json(node: Any, read_only: bool, found: list[tuple[str, bool]], depth: int) -> None:
+    """Every ``filename`` string in a JSON block node, read-only if this node or a parent is."""
+    if depth > _JSON_DEPTH or len(found) >= MAX_DISKS or not isinstance(node, dict):
+        return
+    read_only = read_only or any(node.get(key) in (True, "on") for key in _READ_ONLY_KEYS)
+    for key, item in node.items():
+        if key == "filename" and isinstance(item, str) and item:
+            found.append((item, read_only))
+        elif isinstance(item, dict):
+            _walk_json(item, read_only, found, depth + 1)
+
+
+def _on(flag: str | None) -> bool:
+    return flag is not None and flag.lower() in _TRUE
+
+
+def _local_disk(path: str, read_only: bool, option: str, cwd: str | None) -> GuestDisk | None:
+    """The disk if ``path`` is a plausible local path; None for protocols and junk."""
+    if len(path) > MAX_DISK_PATH or "\0" in path or "\n" in path:
+        return None
+    if not path.startswith("/") and _PROTOCOL.match(path):
+        return None
+    if path.startswith("/dev/fd/") or path.startswith("/proc/"):
+        return None  # a descriptor passed by the parent: no path the destination could see
+    return GuestDisk(path=_absolute(path, cwd), read_only=read_only, option=option)
+
+
 def parse_memory_mib(size: str) -> int | None:
     """QEMU's ``-m`` size: a number of MiB, or a number with a k/M/G/T (or b) suffix."""
     text = size.strip()
@@ -624,6 +717,7 @@ def guest_report(guest: ActiveGuest, probe: GuestProbe) -> dict[str, Any]:
         "managed_by": guest.managed_by or "none",
         "machine": probe.machine or guest.machine_option,
         "memory_mib": probe.memory_mib if probe.memory_mib is not None else guest.memory_mib,
+        "disks": [disk.report() for disk in guest_disks(guest.argv, guest.cwd)],
         "argv": list(guest.argv),
         "cwd": guest.cwd,
         "exe": guest.exe,

@@ -168,6 +168,35 @@ guests:
           asked; V(null) when neither tells.
       type: int
       sample: 2048
+    disks:
+      description:
+        - The local files and block devices the command line opens as disks, each once, in order, read from
+          C(-drive) (C(file=), C(file.filename=)), C(-blockdev) (C(filename), as C(key=value) or JSON) and the
+          shorthand options (C(-hda), C(-cdrom), ...).
+        - Network protocols (C(nbd:), C(iscsi://), C(json:) pseudo-paths), file descriptors passed by the parent
+          and values that cannot be local paths are left out; at most 256 are listed.
+        - Relative paths are made absolute from RV(guests[].cwd) when it is known.
+        - M(savestate.qemu.save) records the disks with their size and time stamp; this list is what the
+          running guest has open now, so that a move can check the destination before the guest is touched.
+      type: list
+      elements: dict
+      contains:
+        path:
+          description: The path as QEMU opened it (absolute when the working directory is known).
+          type: str
+          sample: /var/lib/images/web1.qcow2
+        read_only:
+          description: Whether every option that opens it sets C(readonly)/C(read-only) or is a CD-ROM.
+          type: bool
+          sample: false
+        option:
+          description: The option that names it, V(drive), V(blockdev) or a shorthand such as V(hda) or V(cdrom).
+          type: str
+          sample: drive
+      sample:
+        - path: /var/lib/images/web1.qcow2
+          read_only: false
+          option: drive
     argv:
       description:
         - The QEMU command line, one argument per element.

@@ -411,7 +411,7 @@ def test_probe_reads_state_machine_and_memory(sock_dir):
     report = guest_report(guest, probe)
     assert report == {"name": "web1", "uuid": UUID_A, "pid": os.getpid(), "state": "paused", "state_reason": None,
                       "qmp": server.address, "managed_by": "none", "machine": "pc-i440fx-10.0",
-                      "memory_mib": 256, "argv": [QEMU, "-m", "256", "-machine", "pc"],
+                      "memory_mib": 256, "disks": [], "argv": [QEMU, "-m", "256", "-machine", "pc"],
                       "cwd": None, "exe": QEMU, "uid": 0, "gid": 0, "groups": [],
                       "argv_base64": None, "cwd_base64": None, "unit": None}
 
