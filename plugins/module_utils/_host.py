@@ -664,7 +664,7 @@ def probe_guest(guest: ActiveGuest, timeout: float = 2.0, trace: bool = False) -
     probed: their monitor is libvirt's, and a client of ours would stand in its way.
     """
     reason = _unprobed_reason(guest)
-    if reason is not None:
+    if reason is not None or guest.endpoint is None:  # (no endpoint is one of the reasons)
         return GuestProbe(state="unknown", state_reason=reason)
     monitor = Monitor(guest.endpoint, connect_timeout=timeout, command_timeout=timeout, trace=trace,
                       peer_pid=guest.pid)
@@ -728,12 +728,14 @@ def guest_report(guest: ActiveGuest, probe: GuestProbe) -> dict[str, Any]:
         "cwd_base64": _base64(guest.cwd) if exact and guest.cwd is not None else None,
         "unit": _unit_report(guest.pid),  # systemd (issue 15)
     }
-    return json_safe(report)
+    safe: dict[str, Any] = json_safe(report)
+    return safe
 
 
 def ignored_report(process: IgnoredProcess) -> dict[str, Any]:
     """One entry of guest_info's ``ignored``."""
-    return json_safe(process.report())
+    safe: dict[str, Any] = json_safe(process.report())
+    return safe
 
 
 def _base64(text: str) -> str:

@@ -331,7 +331,7 @@ class TestbedGuest:
         timeout = self.options.ready_timeout or 90.0 + self.options.fill_mib / 4
         deadline = time.monotonic() + timeout
         while True:
-            if self.options.paused and (not self.qmp or self.host.path(self.qmp).exists()):
+            if self.options.paused and (not self.qmp or self._qmp_listening()):
                 return
             if not self.options.paused and self.last_tick() >= 2:
                 return
@@ -342,6 +342,10 @@ class TestbedGuest:
                 raise TestbedError(f"guest {self.name} on {self.host.name} did not start within {timeout:g} s: "
                                    + self.host.ssh(f"tail -5 {GUESTS_DIR}/{self.name}.qemu.log").stdout)
             time.sleep(0.2)
+
+    def _qmp_listening(self) -> bool:
+        # Asked inside the host: /run is the host's own tmpfs, not on the overlay the controller sees.
+        return self.host.ssh(f"test -S {shlex.quote(str(self.qmp))}").returncode == 0
 
     def on(self, host: TestbedHost) -> TestbedGuest:
         """The same guest as seen on another host (after a move)."""

@@ -16,6 +16,7 @@ integration/test_move_hosts.py -q -p no:xdist``. ``SAVESTATE_MOVE_FIGURES=1`` al
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -315,8 +316,9 @@ def test_figures_1gib(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGue
         src_guest, dst_guest = (guest, on2) if source == "hv1" else (on2, guest)
         src_guest.wait_tick_above(src_guest.last_tick())
         with Sampler.around(testbed, ["hv1", "hv2"]) as sampler:
-            wall, down = _downtime(src_guest, dst_guest, lambda: _move(
-                testbed, guest.name, source, destination, guest_move_transfer=transfer).check())
+            wall, down = _downtime(src_guest, dst_guest, functools.partial(
+                lambda src, dst, how: _move(testbed, guest.name, src, dst, guest_move_transfer=how).check(),
+                source, destination, transfer))
         figures[label] = {"wall_s": round(wall, 1), "downtime_s": round(down, 1),
                           "peak_rss_mib": {k: round(v / 2**20) for k, v in sampler.peaks.items()}}
         if label == "controller A->B":
