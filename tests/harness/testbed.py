@@ -272,6 +272,21 @@ class GuestOptions:
         return self.memory_mib or (self.fill_mib + 256 if self.fill_mib else 128)
 
 
+# QMP ``stop`` from inside the host (the monitor is a unix socket in the host's /run).
+_PAUSE_SCRIPT = """
+import json, socket, sys
+monitor = socket.socket(socket.AF_UNIX)
+monitor.connect(sys.argv[1])
+stream = monitor.makefile("rw")
+stream.readline()
+for command in ("qmp_capabilities", "stop"):
+    stream.write(json.dumps({"execute": command}) + "\\n")
+    stream.flush()
+    while "return" not in json.loads(stream.readline()):
+        pass
+"""
+
+
 class TestbedGuest:
     """A test guest running inside one host; its serial log is read through the host's overlay."""
 
@@ -342,6 +357,11 @@ class TestbedGuest:
                 raise TestbedError(f"guest {self.name} on {self.host.name} did not start within {timeout:g} s: "
                                    + self.host.ssh(f"tail -5 {GUESTS_DIR}/{self.name}.qemu.log").stdout)
             time.sleep(0.2)
+
+    def pause(self) -> None:
+        """Pause the running guest through its monitor, as an operator's ``stop`` would."""
+        self.host.write("/root/pause.py", _PAUSE_SCRIPT)
+        self.host.sh(f"{VENV_IN_HOST}/bin/python /root/pause.py {shlex.quote(str(self.qmp))}")
 
     def _qmp_listening(self) -> bool:
         # Asked inside the host: /run is the host's own tmpfs, not on the overlay the controller sees.

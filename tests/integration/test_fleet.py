@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 from harness.paths import PROJECT_ROOT
-from harness.systemd_host import VENV_IN_HOST, unavailable_reason
+from harness.systemd_host import unavailable_reason
 from harness.testbed import Fleet, PlaybookRun, TestbedGuest
 
 pytestmark = pytest.mark.integration
@@ -46,26 +46,6 @@ FILL_MIB = 64
 MEMORY_MIB = 192
 
 
-PAUSE = """
-import json, socket, sys
-monitor = socket.socket(socket.AF_UNIX)
-monitor.connect(sys.argv[1])
-stream = monitor.makefile("rw")
-stream.readline()
-for command in ("qmp_capabilities", "stop"):
-    stream.write(json.dumps({"execute": command}) + "\\n")
-    stream.flush()
-    while "return" not in json.loads(stream.readline()):
-        pass
-"""
-
-
-def pause(guest: TestbedGuest) -> None:
-    """Pause a running guest through its monitor, as an operator's `stop` would."""
-    guest.host.write("/root/pause.py", PAUSE)
-    guest.host.sh(f"{VENV_IN_HOST}/bin/python /root/pause.py {guest.qmp}")
-
-
 @pytest.fixture
 def guests(testbed_guest: Callable[..., TestbedGuest]) -> dict[str, TestbedGuest]:
     started = {}
@@ -73,7 +53,7 @@ def guests(testbed_guest: Callable[..., TestbedGuest]) -> dict[str, TestbedGuest
         for name in names:
             started[name] = testbed_guest(host, name, memory_mib=MEMORY_MIB, fill_mib=FILL_MIB, qmp=name not in NO_QMP)
     for name in PAUSED:
-        pause(started[name])
+        started[name].pause()
     return started
 
 
