@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from harness.paths import PROJECT_ROOT, VENV_DIR
+from harness.paths import PROJECT_ROOT, VENV_DIR, scratch_copy
 from harness.systemd_host import (GUEST_ASSETS_IN_HOST, KEYS_IN_HOST, QEMU72_IN_HOST, TEST_USER, VENV_IN_HOST,
                                   HostUnavailable, SystemdHost, cgroup_pids, cgroup_roots, kill_cgroup,
                                   unavailable_reason)
@@ -427,20 +427,6 @@ class InstalledCollection:
     env: dict[str, str]      # ANSIBLE_COLLECTIONS_PATH and friends: sees only the installed copy
 
 
-def _scratch_copy(destination: Path) -> None:
-    """The working tree as git sees it (tracked and untracked files, minus ignored ones)."""
-    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=PROJECT_ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, listing.decode().split("\0")):
-        source = PROJECT_ROOT / name
-        if not source.is_file():
-            continue  # deleted in the working tree
-        target = destination / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(source, target)
-        target.chmod(source.stat().st_mode & 0o777)
-
-
 @functools.cache
 def installed_collection() -> InstalledCollection:
     """Build the working tree's tarball (``ansible-galaxy collection build``) and install it into
@@ -449,7 +435,7 @@ def installed_collection() -> InstalledCollection:
     atexit.register(shutil.rmtree, root, True)
     source, output, collections = root / "src", root / "dist", root / "collections"
     source.mkdir()
-    _scratch_copy(source)
+    scratch_copy(source)
     _checked([str(ANSIBLE_GALAXY), "collection", "build", "--output-path", str(output)], cwd=source)
     tarball = next(output.glob("savestate-qemu-*.tar.gz"))
     # The development venv links the working tree in as savestate.qemu: hide it.

@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import pytest
 
-from harness.paths import PROJECT_ROOT, VENV_DIR
+from harness.paths import PROJECT_ROOT, VENV_DIR, scratch_copy
 
 BIN = VENV_DIR / "bin"
 MODULES = sorted(p.stem for p in (PROJECT_ROOT / "plugins" / "modules").glob("*.py") if p.stem != "__init__")
@@ -36,20 +36,6 @@ def run(argv: list[str], cwd: Path, env: dict[str, str] | None = None) -> subpro
                             timeout=300, check=False)
     assert result.returncode == 0, f"{' '.join(argv)} failed:\n{result.stdout}\n{result.stderr}"
     return result
-
-
-def scratch_copy(destination: Path) -> None:
-    """The working tree as git sees it (tracked and untracked files, minus ignored ones)."""
-    listing = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-                             cwd=PROJECT_ROOT, capture_output=True, check=True).stdout
-    for name in filter(None, listing.decode().split("\0")):
-        source = PROJECT_ROOT / name
-        if not source.is_file():
-            continue  # deleted in the working tree
-        target = destination / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(source.read_bytes())
-        target.chmod(source.stat().st_mode & 0o777)
 
 
 @pytest.fixture(scope="module")
