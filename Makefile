@@ -12,6 +12,9 @@ test: setup
 sanity units integration molecule: setup
 	scripts/test $@
 
+lint: setup
+	scripts/lint
+
 demo: setup
 	.venv/bin/python demo/demo.py
 
