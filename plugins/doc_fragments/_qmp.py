@@ -11,7 +11,7 @@ from __future__ import annotations
 class ModuleDocFragment:
     """Options of every module that talks to QEMU over QMP.
 
-    Must be kept in sync with ``QMP_COMMON_ARGS`` in plugins/module_utils/_monitor.py.
+    Must be kept in sync with ``QMP_ARGS`` in plugins/module_utils/_module.py.
     """
 
     DOCUMENTATION = r"""

@@ -8,15 +8,44 @@
 """One exception hierarchy for the whole collection.
 
 Every exception carries a message meant for the person running the playbook:
-what went wrong and, where we can tell, what to do about it. Modules turn any
-:class:`SaveStateError` into ``fail_json(msg=str(error))``; anything else is a bug.
+what went wrong and, where we can tell, what to do about it. The module layer
+(``_module.py``) turns any :class:`SaveStateError` into ``fail_json`` with that
+message and the error's :attr:`~SaveStateError.context`; anything else is a bug.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+# The context keys the module layer returns on failure (see _module.failure_result).
+CONTEXT_KEYS = ("trace", "guest", "image")
+
 
 class SaveStateError(Exception):
-    """Base class; ``str(error)`` is the user-facing message."""
+    """Base class; ``str(error)`` is the user-facing message.
+
+    ``context`` is what the operation had gathered when it failed, for the module to
+    return with the message: ``trace`` (the QMP conversation, the one output meant for
+    bug reports), ``guest`` and ``image`` (result dicts as on success).
+    """
+
+    @property
+    def context(self) -> dict[str, Any]:
+        # Created on first use: subclasses (and ``type(error)(text)`` copies) need no __init__ of ours.
+        context: dict[str, Any] = self.__dict__.setdefault("_context", {})
+        return context
+
+    def add_context(self, **context: Any) -> SaveStateError:
+        """Record what is known where the error passes by; returns the error, for ``raise``.
+
+        The innermost caller saw the most, so a key once set is kept; None adds nothing.
+        """
+        for key, value in context.items():
+            if key not in CONTEXT_KEYS:
+                raise ValueError(f"unknown failure context {key!r}")
+            if value is not None:
+                self.context.setdefault(key, value)
+        return self
 
 
 # --- the save image ----------------------------------------------------------------

@@ -44,8 +44,6 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, TypeVar, cast
 
-from ansible.module_utils.basic import missing_required_lib
-
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     FdPassingUnsupportedError,
     MonitorBusyError,
@@ -90,12 +88,6 @@ QEMU_QMP_REQUIREMENT = "qemu.qmp >= 0.0.4"
 
 _T = TypeVar("_T")
 
-# Options every module that talks QMP accepts.
-# Must be kept in sync with plugins/doc_fragments/_qmp.py.
-QMP_COMMON_ARGS: dict[str, dict[str, Any]] = {
-    "qmp_trace": {"type": "bool", "default": False},
-}
-
 REDACTED = "<redacted>"
 # Argument names whose values are secrets wherever they appear.
 _SECRET_KEYS = frozenset(("password", "passwd", "new-password", "passphrase", "secret",
@@ -105,16 +97,8 @@ _SECRET_QOM_TYPES = frozenset(("secret", "secret_keyring"))
 _HMP_SECRET = re.compile(r"pass|secret|key", re.IGNORECASE)
 
 
-def require_qemu_qmp(module: Any) -> None:
-    """Fail the module with Ansible's standard message when qemu.qmp is missing or too old."""
-    if not HAS_QEMU_QMP:
-        module.fail_json(msg=missing_required_lib(QEMU_QMP_REQUIREMENT), exception=QEMU_QMP_IMPORT_ERROR)
-    elif not qemu_qmp_recent_enough():
-        module.fail_json(msg=f"{QEMU_QMP_REQUIREMENT} is required on the managed host; an older "
-                             "qemu.qmp is installed there (upgrade it with pip).")
-
-
 def qemu_qmp_recent_enough() -> bool:
+    """Whether the qemu.qmp found is at least the floor (the module layer, _module.py, enforces it)."""
     # 0.0.4 renamed the legacy cmd() to cmd_raw() and made connect() accept a
     # socket object, which connect() below relies on; the rename marks the version.
     return HAS_QEMU_QMP and hasattr(QEMUMonitorProtocol, "cmd_raw")

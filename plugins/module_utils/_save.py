@@ -30,7 +30,7 @@ import shutil
 import stat
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Optional
 
@@ -72,6 +72,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image_info import 
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, config_dir, load_key
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor
+from ansible_collections.savestate.qemu.plugins.module_utils._outcome import MIB, Outcome, guest_result, stats_result
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_gone, read_cwd
 from ansible_collections.savestate.qemu.plugins.module_utils._systemd import (
     check_unit_stopped,
@@ -93,12 +94,12 @@ from ansible_collections.savestate.qemu.plugins.module_utils._stream import (
     plan_save,
     time_left,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._uuid import same_uuid, uuid_form
 
 AFTER_SAVE_CHOICES = ("stop", "running", "paused")
 RESTORE_STATE_CHOICES = ("running", "paused")
 # QEMU states in which a migration of ours (or of a killed earlier run) is under way.
 MIGRATING_STATES = ("finish-migrate",)
-MIB = 1024 * 1024
 QUIT_TIMEOUT = 60.0
 
 
@@ -125,19 +126,8 @@ class SaveRequest:
         return ", ".join(given)
 
 
-@dataclass
-class SaveOutcome:
-    """What the module returns."""
-
-    changed: bool
-    msg: str
-    guest: dict[str, Any]
-    image: Optional[dict[str, Any]] = None
-    stats: Optional[dict[str, Any]] = None
-    before: dict[str, Any] = field(default_factory=dict)
-    after: dict[str, Any] = field(default_factory=dict)
-    warnings: list[str] = field(default_factory=list)
-    trace: list[dict[str, Any]] = field(default_factory=list)
+class SaveOutcome(Outcome):
+    """What a save returns (the shape restore's outcome has too)."""
 
 
 # --- finding the guest --------------------------------------------------------------
@@ -193,10 +183,10 @@ def monitor_endpoint(request: SaveRequest, guest: ActiveGuest) -> str:
 
 def check_identity_over_qmp(monitor: Monitor, request: SaveRequest) -> tuple[Optional[str], str]:
     """Ask QEMU who it is; every identifier given must agree. Returns (name, uuid)."""
-    name, uuid = monitor.name(), monitor.uuid().lower()
+    name, uuid = monitor.name(), uuid_form(monitor.uuid())
     if request.name is not None and request.name != name:
         raise PreconditionError(f"the guest at {monitor.endpoint} is named {name!r}, not {request.name!r}")
-    if request.uuid is not None and request.uuid.lower() != uuid:
+    if request.uuid is not None and not same_uuid(request.uuid, uuid):
         raise PreconditionError(f"the guest at {monitor.endpoint} has UUID {uuid}, not {request.uuid}")
     return name, uuid
 
@@ -215,8 +205,7 @@ class ExistingImage:
     problem: Optional[str] = None  # set when it is not a readable save image
 
     def belongs_to(self, name: Optional[str], uuid: Optional[str]) -> bool:
-        same_uuid = uuid is None or (self.uuid or "").lower() == uuid.lower()
-        return self.complete and self.name == name and same_uuid
+        return self.complete and self.name == name and (uuid is None or same_uuid(self.uuid, uuid))
 
     def summary(self) -> dict[str, Any]:
         if not self.exists:
@@ -358,10 +347,9 @@ def _target_arch(monitor: Monitor) -> str:
 
 # --- the save itself -------------------------------------------------------------------
 
-def guest_summary(guest: ActiveGuest, state: str, name: Optional[str], uuid: Optional[str],
+def guest_summary(guest: ActiveGuest, state: Optional[str], name: Optional[str], uuid: Optional[str],
                   endpoint: Optional[str]) -> dict[str, Any]:
-    return {"name": name, "uuid": uuid, "pid": guest.pid, "state": state,
-            "qmp": endpoint, "managed_by": guest.managed_by or "none"}
+    return guest_result(name, uuid, guest.pid, state, endpoint, guest.managed_by)
 
 
 class GuestSaver:
@@ -483,7 +471,7 @@ class GuestSaver:
         finally:
             os.close(fd)
         size = os.stat(self.request.path).st_size
-        return self.request.path, _stats(duration, size)
+        return self.request.path, stats_result(duration, size)
 
     def _seal(self, fd: int, header: SaveHeader, temp_path: str) -> None:
         """fsync, final magic, fsync, rename into place, fsync the directory."""
@@ -648,8 +636,7 @@ def already_saved(request: SaveRequest) -> SaveOutcome:
         summary = existing.summary()
         return SaveOutcome(
             changed=False, msg=f"guest {existing.name!r} is not active and already saved to {request.path}",
-            guest={"name": existing.name, "uuid": existing.uuid, "pid": None, "state": "stopped",
-                   "qmp": None, "managed_by": "none"},
+            guest=guest_result(existing.name, existing.uuid, None, "stopped", None),
             image=existing.description, before={"guest": {"state": "stopped"}, "image": summary},
             after={"guest": {"state": "stopped"}, "image": summary})
     hint = f"; {request.path} holds no complete image of it" if request.after_save == "stop" else ""
@@ -659,7 +646,7 @@ def already_saved(request: SaveRequest) -> SaveOutcome:
 def _image_matches_request(existing: ExistingImage, request: SaveRequest) -> bool:
     if request.name is not None and existing.name != request.name:
         return False
-    if request.uuid is not None and (existing.uuid or "").lower() != request.uuid.lower():
+    if request.uuid is not None and not same_uuid(existing.uuid, request.uuid):
         return False
     if request.socket is not None and existing.description is not None:
         metadata = existing.description.get("metadata") or {}
@@ -685,17 +672,18 @@ def save_guest(request: SaveRequest, check_mode: bool = False) -> SaveOutcome:
         refuse_libvirt_guest(guest)
         endpoint = monitor_endpoint(request, guest)
         # Only the guest's own QEMU may serve this socket: it is about to receive the image's fd.
-        with Monitor(endpoint, trace=request.trace, peer_pid=guest.pid) as monitor:
-            name, uuid = check_identity_over_qmp(monitor, request)
-            return GuestSaver(request, guest, monitor, name, uuid, endpoint).run(check_mode)
+        monitor = Monitor(endpoint, trace=request.trace, peer_pid=guest.pid)
+        try:
+            with monitor:
+                name, uuid = check_identity_over_qmp(monitor, request)
+                return GuestSaver(request, guest, monitor, name, uuid, endpoint).run(check_mode)
+        except SaveStateError as error:
+            # What a bug report needs: the conversation so far and the guest (its state is not known now).
+            error.add_context(trace=monitor.trace, guest=guest_summary(guest, None, guest.name, guest.uuid, endpoint))
+            raise
 
 
 # --- small helpers ---------------------------------------------------------------------
-
-def _stats(duration: float, size: int) -> dict[str, Any]:
-    return {"duration_s": round(duration, 3), "bytes": size,
-            "throughput_mib_s": round(size / MIB / duration, 1) if duration > 0 else None}
-
 
 def _process_gone(pid: int) -> bool:
     """Gone, or a zombie its parent has not reaped yet (it holds no resources)."""

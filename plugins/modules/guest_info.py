@@ -270,7 +270,7 @@ qmp_trace:
       message: {execute: query-status, id: "__qmp#00001"}
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from typing import Any
 
 from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     find_guests,
@@ -279,42 +279,37 @@ from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     probe_guest,
     scan_host,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
-    HAS_QEMU_QMP,
-    QEMU_QMP_REQUIREMENT,
-    QMP_COMMON_ARGS,
+from ansible_collections.savestate.qemu.plugins.module_utils._module import (
+    GUEST_IDENTITY_ARGS,
+    QEMU_QMP,
+    QMP_ARGS,
+    SaveStateModule,
+    argument_spec,
+    timeout_args,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe
+
+
+def list_guests(params: dict[str, Any]) -> dict[str, Any]:
+    """The module's result: every matching guest, probed over QMP one at a time (a probe never fails)."""
+    scan = scan_host()
+    guests, trace = [], []
+    for guest in find_guests(name=params["name"], uuid=params["uuid"], guests=scan.guests):
+        probe = probe_guest(guest, timeout=params["timeout"], trace=params["qmp_trace"])
+        guests.append(guest_report(guest, probe))
+        trace.extend(probe.trace)
+    result = dict(changed=False, guests=guests, ignored=[ignored_report(process) for process in scan.ignored])
+    if params["qmp_trace"]:
+        result["qmp_trace"] = trace
+    return result
 
 
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            name=dict(type="str"),
-            uuid=dict(type="str"),
-            timeout=dict(type="float", default=2.0),
-            **QMP_COMMON_ARGS,
-        ),
-        supports_check_mode=True,
+    module = SaveStateModule(
+        argument_spec(GUEST_IDENTITY_ARGS, timeout_args(2.0), QMP_ARGS),
+        # Listing works from /proc; only the run states need the library.
+        wants=(QEMU_QMP,), without="Guests are listed with state 'unknown'.",
     )
-    timeout = module.params["timeout"]
-    if timeout <= 0:
-        module.fail_json(msg=f"timeout must be a positive number of seconds, not {timeout:g}.")
-    if not HAS_QEMU_QMP:
-        # Listing still works from /proc; only the run states need the library.
-        module.warn(f"{missing_required_lib(QEMU_QMP_REQUIREMENT)} Guests are listed with state 'unknown'.")
-
-    scan = scan_host()
-    guests, trace = [], []
-    for guest in find_guests(name=module.params["name"], uuid=module.params["uuid"], guests=scan.guests):
-        probe = probe_guest(guest, timeout=timeout, trace=module.params["qmp_trace"])
-        guests.append(guest_report(guest, probe))
-        trace.extend(probe.trace)
-
-    result = dict(changed=False, guests=guests, ignored=[ignored_report(process) for process in scan.ignored])
-    if module.params["qmp_trace"]:
-        result["qmp_trace"] = trace
-    module.exit_json(**json_safe(result))
+    module.exit(**module.run(lambda: list_guests(module.params)))
 
 
 if __name__ == "__main__":

@@ -259,73 +259,42 @@ qmp_trace:
   elements: dict
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
-from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import HAS_LXML, LXML_IMPORT_ERROR
-from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
-from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
-    HAS_QEMU_QMP,
-    QEMU_QMP_IMPORT_ERROR,
-    QEMU_QMP_REQUIREMENT,
-    QMP_COMMON_ARGS,
+from ansible_collections.savestate.qemu.plugins.module_utils._module import (
+    ALLOW_UNAUTHENTICATED_ARGS,
+    GUEST_IDENTITY_ARGS,
+    IMAGE_PATH_ARGS,
+    LXML,
+    QEMU_QMP,
+    QMP_ARGS,
+    SaveStateModule,
+    argument_spec,
+    timeout_args,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe, json_text
-from ansible_collections.savestate.qemu.plugins.module_utils._restore import (
-    DISK_CHECK_CHOICES,
-    STATE_CHOICES,
-    RestoreRequest,
-    restore_guest,
-)
+from ansible_collections.savestate.qemu.plugins.module_utils._restore import STATE_CHOICES, RestoreRequest, restore_guest
+from ansible_collections.savestate.qemu.plugins.module_utils._restore_trust import DISK_CHECK_CHOICES
 
 
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            path=dict(type="path", required=True),
+    module = SaveStateModule(
+        argument_spec(
+            IMAGE_PATH_ARGS, GUEST_IDENTITY_ARGS, timeout_args(600.0), ALLOW_UNAUTHENTICATED_ARGS, QMP_ARGS,
             state=dict(type="str", default="as_saved", choices=list(STATE_CHOICES)),
-            name=dict(type="str"),
-            uuid=dict(type="str"),
             emulator=dict(type="path"),
             disk_check=dict(type="str", default="strict", choices=list(DISK_CHECK_CHOICES)),
             remove_image=dict(type="bool", default=False),
             parallel_channels=dict(type="int", default=1),
-            timeout=dict(type="float", default=600.0),
-            allow_unauthenticated=dict(type="bool", default=False),
             unit=dict(type="str", default="auto"),
-            **QMP_COMMON_ARGS,
         ),
-        supports_check_mode=True,
+        requires=(QEMU_QMP, LXML),
     )
-    if not HAS_QEMU_QMP:
-        module.fail_json(msg=missing_required_lib(QEMU_QMP_REQUIREMENT), exception=QEMU_QMP_IMPORT_ERROR)
-    if not HAS_LXML:
-        module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_IMPORT_ERROR)
-    if module.params["timeout"] <= 0:
-        module.fail_json(msg="timeout must be a positive number of seconds")
-
     params = module.params
     request = RestoreRequest(
         path=params["path"], state=params["state"], name=params["name"], uuid=params["uuid"],
         emulator=params["emulator"], disk_check=params["disk_check"], remove_image=params["remove_image"],
         parallel_channels=params["parallel_channels"], timeout=params["timeout"], trace=params["qmp_trace"],
         allow_unauthenticated=params["allow_unauthenticated"], unit=params["unit"])
-    try:
-        outcome = restore_guest(request, check_mode=module.check_mode)
-    except SaveStateError as error:
-        module.fail_json(msg=json_text(str(error)))
-
-    result = dict(changed=outcome.changed, msg=outcome.msg, guest=outcome.guest)
-    if outcome.image is not None:
-        result["image"] = outcome.image
-    if outcome.stats is not None:
-        result["stats"] = outcome.stats
-    if module._diff:
-        result["diff"] = dict(before=outcome.before, after=outcome.after)
-    if params["qmp_trace"]:
-        result["qmp_trace"] = outcome.trace
-    for warning in outcome.warnings:
-        module.warn(warning)
-    module.exit_json(**json_safe(result))
+    outcome = module.run(lambda: restore_guest(request, check_mode=module.check_mode))
+    module.exit_outcome(outcome)
 
 
 if __name__ == "__main__":

@@ -262,18 +262,16 @@ qmp_trace:
 
 from typing import Any
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
-from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import HAS_LXML, LXML_IMPORT_ERROR
-from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
 from ansible_collections.savestate.qemu.plugins.module_utils._image import ImageFormat
-from ansible_collections.savestate.qemu.plugins.module_utils._monitor import (
-    HAS_QEMU_QMP,
-    QEMU_QMP_IMPORT_ERROR,
-    QEMU_QMP_REQUIREMENT,
-    QMP_COMMON_ARGS,
+from ansible_collections.savestate.qemu.plugins.module_utils._module import (
+    GUEST_IDENTITY_ARGS,
+    LXML,
+    QEMU_QMP,
+    QMP_ARGS,
+    SaveStateModule,
+    argument_spec,
+    timeout_args,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe, json_text
 from ansible_collections.savestate.qemu.plugins.module_utils._save import (
     AFTER_SAVE_CHOICES,
     RESTORE_STATE_CHOICES,
@@ -302,10 +300,9 @@ def build_request(params: dict[str, Any]) -> SaveRequest:
 
 
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            name=dict(type="str"),
-            uuid=dict(type="str"),
+    module = SaveStateModule(
+        argument_spec(
+            GUEST_IDENTITY_ARGS, timeout_args(600.0), QMP_ARGS,
             socket=dict(type="str"),
             path=dict(type="path", required=True),
             format=dict(type="str", default="raw", choices=[f.label for f in ImageFormat]),
@@ -314,44 +311,20 @@ def main() -> None:
             restore_state=dict(type="str", choices=list(RESTORE_STATE_CHOICES)),
             after_save=dict(type="str", default="stop", choices=list(AFTER_SAVE_CHOICES)),
             force=dict(type="bool", default=False),
-            timeout=dict(type="float", default=600.0),
-            **QMP_COMMON_ARGS,
         ),
+        requires=(QEMU_QMP, LXML),
         required_one_of=[("name", "uuid", "socket")],
         add_file_common_args=True,
-        supports_check_mode=True,
     )
-    if not HAS_QEMU_QMP:
-        module.fail_json(msg=missing_required_lib(QEMU_QMP_REQUIREMENT), exception=QEMU_QMP_IMPORT_ERROR)
-    if not HAS_LXML:
-        module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_IMPORT_ERROR)
-    if module.params["timeout"] <= 0:
-        module.fail_json(msg="timeout must be a positive number of seconds")
-
-    try:
-        outcome = save_guest(build_request(module.params), check_mode=module.check_mode)
-    except SaveStateError as error:
-        module.fail_json(msg=json_text(str(error)))
-
+    params = module.params
+    outcome = module.run(lambda: save_guest(build_request(params), check_mode=module.check_mode))
     changed = outcome.changed
     if outcome.image is not None and not module.check_mode:
-        file_args = module.load_file_common_arguments(module.params, path=outcome.image["path"])
+        file_args = module.ansible.load_file_common_arguments(params, path=outcome.image["path"])
         if file_args["mode"] is None:
             file_args["mode"] = DEFAULT_MODE
-        changed = module.set_fs_attributes_if_different(file_args, changed)
-
-    result = dict(changed=changed, msg=outcome.msg, guest=outcome.guest)
-    for key in ("image", "stats"):
-        if getattr(outcome, key) is not None:
-            result[key] = getattr(outcome, key)
-    if module._diff:
-        result["diff"] = dict(before=outcome.before, after=outcome.after,
-                              before_header=module.params["path"], after_header=module.params["path"])
-    if module.params["qmp_trace"]:
-        result["qmp_trace"] = outcome.trace
-    for warning in outcome.warnings:
-        module.warn(warning)
-    module.exit_json(**json_safe(result))
+        changed = module.ansible.set_fs_attributes_if_different(file_args, changed)
+    module.exit_outcome(outcome, diff_header=params["path"], changed=changed)
 
 
 if __name__ == "__main__":

@@ -215,14 +215,9 @@ recovered:
   sample: false
 """
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
+from typing import Any
 
-from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import (
-    HAS_LXML,
-    LXML_IMPORT_ERROR,
-    normalized,
-)
-from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
+from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import normalized
 from ansible_collections.savestate.qemu.plugins.module_utils._image_define import (
     RESTORE_STATES,
     DefineOutcome,
@@ -230,60 +225,60 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image_define impor
     define_image,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image
-from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe, json_text
+from ansible_collections.savestate.qemu.plugins.module_utils._module import (
+    ALLOW_UNAUTHENTICATED_ARGS,
+    IMAGE_PATH_ARGS,
+    LXML,
+    SaveStateModule,
+    argument_spec,
+    diff_result,
+)
 
 
 def _state_name(was_running: bool) -> str:
     return "running" if was_running else "paused"
 
 
-def _diff(path: str, outcome: DefineOutcome) -> list[dict[str, str]]:
+def _diff(path: str, outcome: DefineOutcome) -> list[dict[str, Any]]:
     before, after = outcome.before, outcome.after
-    diffs = [{"before_header": path, "after_header": path,
-              "before": normalized(before.xml), "after": normalized(after.xml)}]
+    diffs = [diff_result(normalized(before.xml), normalized(after.xml), path)]
     if before.was_running != after.was_running:
-        diffs.append({"before_header": f"{path} (restore state)", "after_header": f"{path} (restore state)",
-                      "before": _state_name(before.was_running) + "\n",
-                      "after": _state_name(after.was_running) + "\n"})
+        diffs.append(diff_result(_state_name(before.was_running) + "\n", _state_name(after.was_running) + "\n",
+                                 f"{path} (restore state)"))
     return diffs
 
 
-def _request(module: AnsibleModule) -> DefineRequest:
+def _request(module: SaveStateModule) -> DefineRequest:
     disk_paths = module.params["disk_paths"]
     if disk_paths is not None:
         bad = [key for key, value in disk_paths.items() if not key or not isinstance(value, str) or not value]
         if bad:
-            module.fail_json(msg=f"disk_paths maps old paths to new paths, both non-empty strings; check {bad}")
+            module.fail(f"disk_paths maps old paths to new paths, both non-empty strings; check {bad}")
     return DefineRequest(xml=module.params["xml"], disk_paths=disk_paths, emulator=module.params["emulator"],
                          restore_state=module.params["restore_state"],
                          allow_unauthenticated=module.params["allow_unauthenticated"])
 
 
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            path=dict(type="path", required=True),
+    module = SaveStateModule(
+        argument_spec(
+            IMAGE_PATH_ARGS, ALLOW_UNAUTHENTICATED_ARGS,
             xml=dict(type="str"),
             disk_paths=dict(type="dict"),
             emulator=dict(type="path"),
             restore_state=dict(type="str", choices=list(RESTORE_STATES)),
-            allow_unauthenticated=dict(type="bool", default=False),
         ),
-        supports_check_mode=True,
+        requires=(LXML,),
     )
-    if not HAS_LXML:
-        module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_IMPORT_ERROR)
     path = module.params["path"]
-    try:
-        outcome = define_image(path, _request(module), check_mode=module.check_mode)
-    except SaveStateError as error:
-        module.fail_json(msg=json_text(str(error)))
+    request = _request(module)
+    outcome = module.run(lambda: define_image(path, request, check_mode=module.check_mode))
     result = dict(changed=outcome.changed, recovered=outcome.recovered,
                   image=describe_image(outcome.after, outcome.record), xml=outcome.after.xml,
                   authenticated=outcome.authenticated)
-    if module._diff:
+    if module.diff:
         result["diff"] = _diff(path, outcome)
-    module.exit_json(**json_safe(result))
+    module.exit(**result)
 
 
 if __name__ == "__main__":

@@ -222,16 +222,12 @@ metadata:
           type: str
 """
 
-from typing import Optional
+from typing import Any, Optional
 
-from ansible.module_utils.basic import AnsibleModule, missing_required_lib
-
-from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import HAS_LXML, LXML_IMPORT_ERROR
-from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
 from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import open_image
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image
 from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, ImageKeyError, load_key
-from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe, json_text
+from ansible_collections.savestate.qemu.plugins.module_utils._module import IMAGE_PATH_ARGS, LXML, SaveStateModule
 
 
 def _host_key() -> tuple[Optional[ImageKey], Optional[str]]:
@@ -242,27 +238,23 @@ def _host_key() -> tuple[Optional[ImageKey], Optional[str]]:
         return None, f"the host key cannot be used: {error}"
 
 
-def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(path=dict(type="path", required=True)),
-        supports_check_mode=True,
-    )
-    if not HAS_LXML:
-        module.fail_json(msg=missing_required_lib("lxml"), exception=LXML_IMPORT_ERROR)
+def read(path: str) -> dict[str, Any]:
+    """The module's result for the image at ``path``."""
     key, key_problem = _host_key()
-    try:
-        # Reporting only: a file others could write reads as unauthenticated instead of failing.
-        with open_image(module.params["path"], key, allow_incomplete=True, check_file=False) as opened:
-            image, record = opened.image, opened.record
-            problem = opened.auth_problem
-            if problem and key_problem and key is None:
-                problem = key_problem
-    except SaveStateError as error:
-        module.fail_json(msg=json_text(str(error)))
-    module.exit_json(**json_safe(dict(
-        changed=False, image=describe_image(image, record), xml=image.xml, cookie=image.cookie,
-        origin=record.origin, metadata=record.metadata(), authenticated=problem is None,
-        authentication_problem=problem)))
+    # Reporting only: a file others could write reads as unauthenticated instead of failing.
+    with open_image(path, key, allow_incomplete=True, check_file=False) as opened:
+        image, record = opened.image, opened.record
+        problem = opened.auth_problem
+        if problem and key_problem and key is None:
+            problem = key_problem
+    return dict(changed=False, image=describe_image(image, record), xml=image.xml, cookie=image.cookie,
+                origin=record.origin, metadata=record.metadata(), authenticated=problem is None,
+                authentication_problem=problem)
+
+
+def main() -> None:
+    module = SaveStateModule(IMAGE_PATH_ARGS, requires=(LXML,))
+    module.exit(**module.run(lambda: read(module.params["path"])))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._qemu_argv import (
     takes_value,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._qemu_options import OPTIONS
-from ansible_collections.savestate.qemu.plugins.module_utils._restore import restore_argv
+from ansible_collections.savestate.qemu.plugins.module_utils._restore_launch import restore_argv
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 MACHINE = "pc-i440fx-10.0"

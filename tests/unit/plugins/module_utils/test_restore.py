@@ -16,12 +16,8 @@ import pytest
 
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import DiskRecord, GuestRecord
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
-from ansible_collections.savestate.qemu.plugins.module_utils._restore import (
-    check_emulator,
-    disk_changes,
-    launch_directory,
-    restore_argv,
-)
+from ansible_collections.savestate.qemu.plugins.module_utils._restore_launch import launch_directory, restore_argv
+from ansible_collections.savestate.qemu.plugins.module_utils._restore_trust import check_emulator, disk_changes
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 OTHER_UID = 4321

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import GuestRecord
-from ansible_collections.savestate.qemu.plugins.module_utils._restore import restore_argv
+from ansible_collections.savestate.qemu.plugins.module_utils._restore_launch import restore_argv
 
 QEMU = "/usr/bin/qemu-system-x86_64"
 
