@@ -156,7 +156,7 @@ class SaveStateModule:
         for requirement in wants:
             problem = requirement_problem(requirement)
             if problem is not None:
-                self.ansible.warn(f"{problem[0]} {without}".strip())
+                self.ansible.warn(f"{problem[0].rstrip('.')}. {without}".strip())
         if "timeout" in spec:
             problem_text = timeout_problem(self.params["timeout"])
             if problem_text is not None:

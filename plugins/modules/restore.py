@@ -227,7 +227,9 @@ guest:
 image:
   description:
     - The image, the same dict as M(savestate.qemu.save_image_info) returns (see there for its keys).
-  returned: success, except when O(remove_image=true) and an earlier run already removed the image
+    - Also when the restore fails once the image was read, so that the failure names what was restored.
+  returned: success, except when O(remove_image=true) and an earlier run already removed the image; on failure
+    once the image was read
   type: dict
   sample:
     path: /var/lib/qemu/save/web1.save
@@ -253,8 +255,10 @@ stats:
       type: float
       sample: 2226.1
 qmp_trace:
-  description: The QMP conversation, when O(qmp_trace=true).
-  returned: when O(qmp_trace=true)
+  description:
+    - The QMP conversation, when O(qmp_trace=true).
+    - On failure too, up to the failure; that is what a bug report needs.
+  returned: when O(qmp_trace=true), on failure too
   type: list
   elements: dict
 """

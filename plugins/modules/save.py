@@ -208,8 +208,11 @@ image:
     name: web1
     machine: pc-i440fx-10.0
 guest:
-  description: The guest after the run.
-  returned: always
+  description:
+    - The guest after the run.
+    - When the save fails once the guest was found, the guest it concerned, with RV(guest.state=null)
+      (the failure message says what became of it).
+  returned: always, on failure once the guest was found
   type: dict
   contains:
     name:
@@ -225,7 +228,7 @@ guest:
       type: int
       sample: 4242
     state:
-      description: V(stopped) when the QEMU process ended, else V(paused) or V(running).
+      description: V(stopped) when the QEMU process ended, else V(paused) or V(running); V(null) on failure.
       type: str
       sample: stopped
     qmp:
@@ -254,8 +257,10 @@ stats:
       type: float
       sample: 1112.5
 qmp_trace:
-  description: The QMP conversation, when O(qmp_trace=true).
-  returned: when O(qmp_trace=true)
+  description:
+    - The QMP conversation, when O(qmp_trace=true).
+    - On failure too, up to the failure; that is what a bug report needs.
+  returned: when O(qmp_trace=true), on failure too
   type: list
   elements: dict
 """
