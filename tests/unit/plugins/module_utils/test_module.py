@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -32,16 +31,6 @@ from ansible_collections.savestate.qemu.plugins.module_utils._uuid import same_u
 from ansible_collections.savestate.qemu.tests.unit.fake_qmp import FakeQMPServer
 
 UUID = "4c7a1a3e-30b6-4e55-9a55-3d7d2a1b0c11"
-
-
-@pytest.fixture
-def server() -> Iterator[FakeQMPServer]:
-    directory = Path(tempfile.mkdtemp(prefix="ssq-m"))  # unix socket paths must stay short
-    try:
-        with FakeQMPServer(directory / "qmp.sock") as fake:
-            yield fake
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
 
 
 # --- argument spec and checks ---------------------------------------------------------------
@@ -71,24 +60,34 @@ def test_the_libraries_of_this_environment_are_there():
 
 # --- the error's context and the failure result ------------------------------------------------
 
-def test_a_failure_carries_the_qmp_conversation_up_to_it(server):
-    server.error("stop", "GenericError", "the guest cannot stop now")
-    guest = guest_result("web01", UUID, 4242, None, server.address)
-    monitor = Monitor(server.address, trace=True)
-    with pytest.raises(QMPCommandError) as raised:
-        try:
-            with monitor:
-                monitor.execute("stop")
-        except SaveStateError as error:
-            error.add_context(trace=monitor.trace, guest=guest)
-            raise
-    result = failure_result(raised.value, trace_requested=True)
+def _failed_stop(directory: Path) -> QMPCommandError:
+    """QEMU refuses ``stop``; the error gets the conversation and the guest, as save_guest adds them."""
+    with FakeQMPServer(directory / "qmp.sock") as server:
+        server.error("stop", "GenericError", "the guest cannot stop now")
+        monitor = Monitor(server.address, trace=True)
+        with pytest.raises(QMPCommandError) as raised:
+            try:
+                with monitor:
+                    monitor.execute("stop")
+            except SaveStateError as error:
+                error.add_context(trace=monitor.trace, guest=guest_result("web01", UUID, 4242, None, server.address))
+                raise
+    return raised.value
+
+
+def test_a_failure_carries_the_qmp_conversation_up_to_it():
+    directory = Path(tempfile.mkdtemp(prefix="ssq-m"))  # unix socket paths must stay short
+    try:
+        error = _failed_stop(directory)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+    result = failure_result(error, trace_requested=True)
     assert result["msg"] == "QMP command 'stop' failed: GenericError: the guest cannot stop now"
-    assert result["guest"] == guest
+    assert result["guest"]["pid"] == 4242 and result["guest"]["state"] is None
     sent = [entry["message"].get("execute") for entry in result["qmp_trace"] if entry["direction"] == "sent"]
     assert sent == ["qmp_capabilities", "stop"]
     assert result["qmp_trace"][-1]["message"]["error"]["desc"] == "the guest cannot stop now"
-    assert "qmp_trace" not in failure_result(raised.value, trace_requested=False)
+    assert "qmp_trace" not in failure_result(error, trace_requested=False)
 
 
 def test_the_innermost_context_wins_and_nothing_is_not_context():
