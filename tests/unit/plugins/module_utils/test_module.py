@@ -94,8 +94,8 @@ def test_the_innermost_context_wins_and_nothing_is_not_context():
     error = PreconditionError("no").add_context(trace=[{"inner": 1}], image=None)
     error.add_context(trace=[{"outer": 1}], image={"path": "/x"})
     assert error.context == {"trace": [{"inner": 1}], "image": {"path": "/x"}}
-    assert failure_result(error, trace_requested=True) == {"msg": "no", "image": {"path": "/x"},
-                                                            "qmp_trace": [{"inner": 1}]}
+    expected = {"msg": "no", "image": {"path": "/x"}, "qmp_trace": [{"inner": 1}]}
+    assert failure_result(error, trace_requested=True) == expected
     with pytest.raises(ValueError):
         error.add_context(stats={})
 
