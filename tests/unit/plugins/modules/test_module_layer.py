@@ -8,6 +8,7 @@ site-packages, which holds the real ones).
 
 from __future__ import annotations
 
+import os
 import textwrap
 
 import pytest
@@ -53,7 +54,7 @@ def hide(tmp_path, monkeypatch):
             path.write_text(textwrap.dedent(text))
         root.mkdir()
         (root / "sitecustomize.py").write_text(f"import sys\nsys.path.insert(0, {str(packages)!r})\n")
-        monkeypatch.setenv("PYTHONPATH", str(root))
+        monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(root), os.environ.get("PYTHONPATH")])))
     return place
 
 
