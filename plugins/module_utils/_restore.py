@@ -33,6 +33,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Optional
 
@@ -59,6 +60,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     check_identity,
     guest_name,
     guest_uuid,
+    scan_guests,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveImage
 from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import OpenedImage, open_image
@@ -113,6 +115,8 @@ STARTUP_TIMEOUT = 60.0
 EXIT_GRACE = 5.0
 HELPER_GRACE = 1.0
 MIB = 1024 * 1024
+# What lists the host's active guests: /proc (``_host.scan_guests``), or in unit tests the guests they serve.
+GuestScan = Callable[[], Sequence[ActiveGuest]]
 
 
 @dataclass(frozen=True)
@@ -331,8 +335,9 @@ class GuestRestorer:
 
     def __init__(self, request: RestoreRequest, image: SaveImage, record: GuestRecord,
                  check_mode: bool, image_fd: int = -1, authenticated: bool = True,
-                 image_file_uid: int = 0) -> None:
+                 image_file_uid: int = 0, scan: GuestScan = scan_guests) -> None:
         self.request = request
+        self.scan = scan
         self.image_fd = image_fd            # the image, opened and verified once: the stream comes from it
         self.authenticated = authenticated  # false only with allow_unauthenticated
         self.image_file_uid = image_file_uid
@@ -357,7 +362,7 @@ class GuestRestorer:
 
     def check_identity(self) -> Optional[RestoreOutcome]:
         """None if the guest is not active; an outcome if it already is (libvirt's words on conflicts)."""
-        identity = check_identity(self.record.name, self.record.uuid)
+        identity = check_identity(self.record.name, self.record.uuid, guests=self.scan())
         if identity.name_only is not None:
             holder = identity.name_only
             raise GuestConflictError(
@@ -671,7 +676,7 @@ def _check_command_line_identity(path: str, record: GuestRecord) -> None:
                          f"line runs {uuid}; the image is damaged or was edited by hand")
 
 
-def _consumed_image(request: RestoreRequest, check_mode: bool) -> Optional[RestoreOutcome]:
+def _consumed_image(request: RestoreRequest, check_mode: bool, scan: GuestScan) -> Optional[RestoreOutcome]:
     """With ``remove_image``, a missing image and the guest active: an earlier run restored it.
 
     The image no longer tells who the guest is, so this takes ``name`` or ``uuid``.
@@ -681,7 +686,7 @@ def _consumed_image(request: RestoreRequest, check_mode: bool) -> Optional[Resto
     if request.name is None and request.uuid is None:
         raise ImageError(f"{request.path} does not exist. If an earlier run restored it with remove_image, "
                          "give the guest's name or uuid as well, and a re-run finds the guest active")
-    identity = check_identity(request.name, request.uuid)
+    identity = check_identity(request.name, request.uuid, guests=scan())
     if identity.both is None or identity.conflict:
         wanted = " and ".join(f"{label} {value}" for label, value in (("name", request.name),
                                                                       ("uuid", request.uuid)) if value)
@@ -690,8 +695,10 @@ def _consumed_image(request: RestoreRequest, check_mode: bool) -> Optional[Resto
                            f" and {request.path} is gone (restored by an earlier run with remove_image)")
 
 
-def restore_guest(request: RestoreRequest, check_mode: bool = False) -> RestoreOutcome:
-    consumed = _consumed_image(request, check_mode)
+def restore_guest(request: RestoreRequest, check_mode: bool = False, scan: GuestScan = scan_guests) -> RestoreOutcome:
+    """Restore the image ``request`` names; ``scan`` lists the active guests (this host's, unless a
+    unit test hands in its own)."""
+    consumed = _consumed_image(request, check_mode, scan)
     if consumed is not None:
         return consumed
     # Opened once: what is checked, verified and parsed is what QEMU is fed.
@@ -700,7 +707,7 @@ def restore_guest(request: RestoreRequest, check_mode: bool = False) -> RestoreO
         _check_expected_identity(request, record)  # first: libvirt's images get libvirt's way out
         check_authenticated(request, opened)
         restorer = GuestRestorer(request, opened.image, record, check_mode, opened.fd, opened.authenticated,
-                                 opened.file_uid)
+                                 opened.file_uid, scan)
         if check_mode:
             return restorer.check_identity() or restorer.predict()
         key = guest_key(record.uuid, record.name, 0)
