@@ -38,10 +38,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ansible_collections.savestate.qemu.plugins.module_utils._runtime import runtime_path
+from ansible_collections.savestate.qemu.plugins.module_utils._host import ActiveGuest
+from ansible_collections.savestate.qemu.plugins.module_utils._monitor import unix_endpoint
+from ansible_collections.savestate.qemu.plugins.module_utils._runtime import process_start_time, runtime_path
 from ansible_collections.savestate.qemu.tests.unit.fake_qmp import DROP, Call, FakeQMPError, FakeQMPServer
 
 CONTROL_ENV = "SAVESTATE_FAKE_QEMU_CONTROL"
@@ -75,6 +78,10 @@ def monitor(argv):
 
 
 listener = monitor(sys.argv)
+for option, value in zip(sys.argv, sys.argv[1:]):
+    if option == "-pidfile":
+        with open(value, "w") as pidfile:
+            pidfile.write(str(os.getpid()))
 channel = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
 channel.connect(control)
 hello = {{"pid": os.getpid(), "argv": sys.argv, "cwd": os.getcwd()}}
@@ -87,6 +94,8 @@ except OSError:
 order = json.loads(order) if order else {{"status": 0}}
 sys.stderr.write(order.get("say", ""))
 sys.stderr.flush()
+if order.get("signal"):
+    os.kill(os.getpid(), order["signal"])
 os._exit(order["status"])
 '''
 
@@ -306,7 +315,8 @@ class FakeQemu:
             self.process.exit(1, f"qemu-system-x86_64: {self.error_desc}\nqemu-system-x86_64: load of migration "
                                  "failed: Invalid argument\n")
             self.process.hang_up()
-        elif self.incoming == "hangup":
+        elif self.incoming == "hangup":  # QEMU crashes while loading
+            self.process.exit(1, "", signal=11)
             self.process.hang_up()
         elif self.incoming == "fail":
             self._finish(call, "failed", self.error_desc)
@@ -330,13 +340,14 @@ class FakeProcess:
         self.server = FakeQMPServer(listener=listener)
         self.exited = False
 
-    def exit(self, status: int, say: str) -> None:
-        """Make the process print ``say`` and exit with ``status`` (as QEMU does on quit or a fatal error)."""
+    def exit(self, status: int, say: str, signal: int = 0) -> None:
+        """Make the process print ``say`` and exit with ``status`` or die of ``signal`` (as QEMU does on
+        quit, a fatal error or a crash)."""
         if self.exited:
             return
         self.exited = True
         try:
-            self.channel.sendall(json.dumps({"status": status, "say": say}).encode())
+            self.channel.sendall(json.dumps({"status": status, "say": say, "signal": signal}).encode())
         except OSError:
             pass
         self.channel.close()
@@ -393,7 +404,7 @@ class FakeQemuHost:
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._listener.bind(self.control_path)
         self._listener.listen(8)
-        self._listener.settimeout(0.1)
+        self._listener.settimeout(0.02)
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._accept, name="fake-qemu-control", daemon=True)
         self._thread.start()
@@ -417,8 +428,8 @@ class FakeQemuHost:
                 process.exit(1, self.refuse_start)
             else:
                 qemu = FakeQemu(process, self.name, self.uuid, self.version)
-                self.configure(qemu)
                 qemu.serve(process.server)
+                self.configure(qemu)  # after serve: it may replace a command's handler
                 process.server.start()
                 self.qemus.append(qemu)
             with self._arrived:
@@ -456,6 +467,31 @@ class FakeQemuHost:
             except subprocess.TimeoutExpired:
                 popen.kill()
                 popen.wait()
+
+
+class Guest:
+    """A running stand-in guest: its process, its QEMU state, and how discovery would see it."""
+
+    def __init__(self, host: FakeQemuHost, *args: str, version: tuple[int, int, int] = (10, 0, 2)) -> None:
+        host.version = version
+        self.host = host
+        self.process, self.qemu, self.qmp = host.start_guest(*args)
+        self.active = self.discovered()
+
+    def discovered(self, **changes: object) -> ActiveGuest:
+        """What _host.scan_guests reports for this process (it is not a trusted binary, so it is handed in)."""
+        process = self.process
+        guest = ActiveGuest(pid=process.pid, argv=tuple(process.argv), exe=process.argv[0], name=self.host.name,
+                            uuid=self.host.uuid, qmp=(unix_endpoint(self.qmp),), pidfile=None, managed_by=None,
+                            libvirt_evidence=(), uid=os.getuid(), gid=os.getgid(), groups=(),
+                            start_time=process_start_time(process.pid), cwd=process.cwd)
+        return replace(guest, **changes)  # type: ignore[arg-type]
+
+    def scan(self) -> list[ActiveGuest]:
+        return [] if self.process.exited else [self.active]
+
+    def commands(self) -> list[str]:
+        return self.process.server.commands()
 
 
 @contextmanager

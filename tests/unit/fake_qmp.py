@@ -214,7 +214,7 @@ class FakeQMPServer:
 
     def start(self) -> FakeQMPServer:
         if self._listener is not None:
-            self._listener.settimeout(0.1)
+            self._listener.settimeout(0.02)
             self._thread.start()
             return self
         if self.tcp:
@@ -232,7 +232,8 @@ class FakeQMPServer:
 
     def stop(self) -> None:
         self.stopped.set()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=10)
         for session in self.sessions:
             session.conn.close()
         if self._listener is not None:

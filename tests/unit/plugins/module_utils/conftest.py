@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from ansible_collections.savestate.qemu.plugins.module_utils._runtime import runtime_path
 from ansible_collections.savestate.qemu.tests.unit.fake_qemu import CONTROL_ENV, FakeQemuHost, fake_emulator
 
 
@@ -37,3 +38,6 @@ def qemu_host(emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeQe
     finally:
         host.close()
         shutil.rmtree(directory, ignore_errors=True)
+        for name in os.listdir(runtime_path()):  # a restored QEMU's log, a monitor socket
+            if name.startswith(host.uuid):
+                os.unlink(os.path.join(runtime_path(), name))

@@ -24,10 +24,8 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     MonitorError,
     PreconditionError,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._host import ActiveGuest
 from ansible_collections.savestate.qemu.plugins.module_utils._image import ImageFormat, read_image
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import load_image
-from ansible_collections.savestate.qemu.plugins.module_utils._monitor import unix_endpoint
 from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
     JournalStore,
     SaveJournal,
@@ -35,35 +33,10 @@ from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
     process_start_time,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._save import SaveRequest, save_guest
-from ansible_collections.savestate.qemu.tests.unit.fake_qemu import STREAM, FakeProcess, FakeQemu, FakeQemuHost
+from ansible_collections.savestate.qemu.tests.unit.fake_qemu import STREAM, FakeQemuHost, Guest
 from ansible_collections.savestate.qemu.tests.unit.image_helpers import make_image, make_savestate_image, savestate_record
 
 QEMU_7_2 = (7, 2, 0)
-
-
-class Guest:
-    """A running stand-in guest: its process, its QEMU state, and how discovery would see it."""
-
-    def __init__(self, host: FakeQemuHost, *args: str, version: tuple[int, int, int] = (10, 0, 2)) -> None:
-        host.version = version
-        self.host = host
-        self.process, self.qemu, self.qmp = host.start_guest(*args)
-        self.active = self.discovered()
-
-    def discovered(self, **changes: object) -> ActiveGuest:
-        """What _host.scan_guests reports for this process (it is not a trusted binary, so it is handed in)."""
-        process = self.process
-        guest = ActiveGuest(pid=process.pid, argv=tuple(process.argv), exe=process.argv[0], name=self.host.name,
-                            uuid=self.host.uuid, qmp=(unix_endpoint(self.qmp),), pidfile=None, managed_by=None,
-                            libvirt_evidence=(), uid=os.getuid(), gid=os.getgid(), groups=(),
-                            start_time=process_start_time(process.pid), cwd=process.cwd)
-        return replace(guest, **changes)  # type: ignore[arg-type]
-
-    def scan(self) -> list[ActiveGuest]:
-        return [] if self.process.exited else [self.active]
-
-    def commands(self) -> list[str]:
-        return self.process.server.commands()
 
 
 @pytest.fixture
