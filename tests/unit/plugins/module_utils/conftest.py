@@ -15,9 +15,13 @@ from ansible_collections.savestate.qemu.plugins.module_utils._runtime import run
 from ansible_collections.savestate.qemu.tests.unit.fake_qemu import CONTROL_ENV, FakeQemuHost, fake_emulator
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def emulator() -> Iterator[str]:
-    """The stand-in QEMU binary, where restore's trust checks accept an emulator (root-owned, under /run)."""
+    """The stand-in QEMU binary, where restore's trust checks accept an emulator (root-owned, under /run).
+
+    One per test: ansible-test runs each test in a forked process, where a session fixture's
+    clean-up would never run.
+    """
     if os.geteuid() != 0:
         pytest.skip("the stand-in emulator must be root-owned in a root-only directory")
     with fake_emulator() as path:
