@@ -186,7 +186,7 @@ class FakeQemu:
             "migrate-set-capabilities": self._set_capabilities,
             "migrate-set-parameters": lambda call: self.parameters.update(call.arguments) or {},
             "getfd": self._getfd,
-            "closefd": lambda call: self._close(self.named_fds.pop(call.arguments["fdname"])) or {},
+            "closefd": self._closefd,
             "add-fd": self._add_fd,
             "remove-fd": lambda call: [self._close(fd) for fd in self.fdsets.pop(call.arguments["fdset-id"], [])]
             and {},
@@ -221,17 +221,24 @@ class FakeQemu:
         self.named_fds[call.arguments["fdname"]] = call.fds[-1]
         return {}
 
+    def _closefd(self, call: Call) -> dict[str, Any]:
+        name = call.arguments["fdname"]
+        if name not in self.named_fds:
+            raise FakeQMPError("GenericError", f"File descriptor named '{name}' not found")
+        self._close(self.named_fds.pop(name))
+        return {}
+
     def _add_fd(self, call: Call) -> dict[str, Any]:
         fdset = call.arguments.get("fdset-id", len(self.fdsets))
         self.fdsets.setdefault(fdset, []).append(call.fds[-1])
         return {"fdset-id": fdset, "fd": call.fds[-1]}
 
-    @staticmethod
-    def _close(fd: int) -> None:
-        try:
+    def _close(self, fd: int) -> None:
+        """Close a descriptor QEMU received, once: the server's clean-up must not close its number again."""
+        received = self.process.server.received_fds
+        if fd in received:
+            received.remove(fd)
             os.close(fd)
-        except OSError:
-            pass
 
     def _stop(self, call: Call) -> dict[str, Any]:
         if self.status == "running":
@@ -260,12 +267,16 @@ class FakeQemu:
     # -- the stream ------------------------------------------------------------------------
 
     def _stream_fd(self, arguments: dict[str, Any]) -> tuple[int, int | None]:
-        """The fd QEMU streams through, and the offset of a ``file:`` channel (None: the fd's position)."""
+        """The fd QEMU streams through, and the offset of a ``file:`` channel (None: the fd's position).
+
+        An ``fd:NAME`` target is taken off the monitor's list (a later ``closefd`` finds no such
+        name) and closed when the stream ends, as QEMU does: a compressor sees the end of it.
+        """
         if "uri" in arguments:
             uri = arguments["uri"]
             if not uri.startswith("fd:") or uri[3:] not in self.named_fds:
                 raise FakeQMPError("GenericError", f"unsupported or unknown migration URI {uri}")
-            return self.named_fds[uri[3:]], None
+            return self.named_fds.pop(uri[3:]), None
         address = arguments["channels"][0]["addr"]
         fdset = int(address["filename"].rsplit("/", 1)[1])
         return self.fdsets[fdset][0], int(address["offset"])
@@ -293,6 +304,9 @@ class FakeQemu:
             desc = self.error_desc if self.version < (8, 0, 0) else (self.error_desc or error.strerror)
             self._finish(call, "failed", desc)
             return
+        finally:
+            if offset is None:
+                self._close(fd)
         self.status = "postmigrate"
         self._finish(call, "completed")
 
@@ -310,6 +324,8 @@ class FakeQemu:
             if not chunk:
                 break
             chunks.append(chunk)
+        if offset is None:
+            self._close(fd)
         self.received = b"".join(chunks)
         if self.incoming == "exit":
             self.process.exit(1, f"qemu-system-x86_64: {self.error_desc}\nqemu-system-x86_64: load of migration "

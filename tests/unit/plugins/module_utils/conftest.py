@@ -40,8 +40,10 @@ def qemu_host(emulator: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeQe
     try:
         yield host
     finally:
-        host.close()
-        shutil.rmtree(directory, ignore_errors=True)
-        for name in os.listdir(runtime_path()):  # a restored QEMU's log, a monitor socket
-            if name.startswith(host.uuid):
-                os.unlink(os.path.join(runtime_path(), name))
+        try:
+            host.close()
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
+            for name in os.listdir(runtime_path()):  # a restored QEMU's log, a monitor socket
+                if name.startswith(host.uuid):
+                    os.unlink(os.path.join(runtime_path(), name))

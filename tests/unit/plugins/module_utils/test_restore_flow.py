@@ -288,3 +288,23 @@ def test_a_guest_that_does_not_end_up_in_the_state_asked_for(qemu_host, image):
     with pytest.raises(MigrationError, match="the guest is paused after the restore, not running"):
         restore(image)
     assert_nothing_left(qemu_host, image)
+
+
+def test_an_unauthenticated_image_never_runs_qemu_as_root_even_when_allowed(qemu_host, tmp_path):
+    image = saved_image(tmp_path / "unsigned.save", qemu_host, sign=False)
+    with pytest.raises(PreconditionError, match="is not signed by this host's key and would run QEMU as root"):
+        restore(image, allow_unauthenticated=True)
+    assert qemu_host.processes == []
+
+
+def test_a_command_line_with_another_uuid_is_damaged(qemu_host, tmp_path):
+    image = saved_image(tmp_path / "u.save", qemu_host, uuid="11111111-2222-3333-4444-555555555555")
+    with pytest.raises(ImageError, match="has UUID 11111111-2222-3333-4444-555555555555, but its recorded command"):
+        restore(image)
+
+
+def test_qemu_refusing_to_resume(qemu_host, image):
+    qemu_host.configure = lambda qemu: qemu.process.server.error("cont", "GenericError", "Resetting the VM failed")
+    with pytest.raises(MigrationError, match="restore failed: .*Resetting the VM failed"):
+        restore(image)
+    assert_nothing_left(qemu_host, image)

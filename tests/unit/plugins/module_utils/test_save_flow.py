@@ -8,6 +8,7 @@ real image file the save created. Only the discovery of guests on /proc is repla
 
 from __future__ import annotations
 
+import gzip
 import os
 import subprocess
 from collections.abc import Iterator
@@ -477,3 +478,30 @@ def test_helpers_of_no_interest(tmp_path):
     """The image of another format at the path is described without error (used by the before/after diff)."""
     path = make_image(tmp_path / "other.save")
     assert _save.inspect_target(str(path)).complete
+
+
+def test_a_compressed_save_streams_through_the_compressor(guest, image):
+    outcome = save(guest, image, image_format=ImageFormat.GZIP)
+    saved = read_image(str(image))
+    assert outcome.changed and saved.format == ImageFormat.GZIP
+    with open(image, "rb") as handle:
+        handle.seek(saved.stream_offset)
+        assert gzip.decompress(handle.read()) == STREAM
+
+
+def test_qemu_must_agree_with_the_uuid_given(guest, image):
+    request = SaveRequest(path=str(image), uuid=guest.host.uuid, socket=guest.qmp)
+    guest.qemu.uuid = "11111111-2222-3333-4444-555555555555"
+    with pytest.raises(PreconditionError, match="has UUID 11111111-2222-3333-4444-555555555555, not"):
+        save_guest(request, scan=guest.scan)
+
+
+def test_a_peer_answering_nonsense_once_the_guest_is_paused_gets_it_resumed(guest, image):
+    guest.process.server.reply("query-target", {"arch": ""})
+    with pytest.raises(MonitorError, match="names no architecture"):
+        save(guest, image)
+    assert_resumed_and_clean(guest, image)
+    guest.process.server.reply("query-kvm", ["not", "an", "object"])
+    with pytest.raises(MonitorError, match="answer to query-kvm is not an object"):
+        save(guest, image)
+    assert_resumed_and_clean(guest, image)
