@@ -160,7 +160,6 @@ class FakeQemu:
         self.named_fds: dict[str, int] = {}
         self.fdsets: dict[int, list[int]] = {}
         self.on_quit: Callable[[], None] | None = None
-        self._session: Any = None
 
     # -- wiring --------------------------------------------------------------------------
 
@@ -188,8 +187,7 @@ class FakeQemu:
             "getfd": self._getfd,
             "closefd": self._closefd,
             "add-fd": self._add_fd,
-            "remove-fd": lambda call: [self._close(fd) for fd in self.fdsets.pop(call.arguments["fdset-id"], [])]
-            and {},
+            "remove-fd": self._remove_fd,
             "stop": self._stop,
             "cont": self._cont,
             "migrate": self._migrate,
@@ -219,6 +217,11 @@ class FakeQemu:
         if not call.fds:
             raise FakeQMPError("GenericError", "No file descriptor supplied via SCM_RIGHTS")
         self.named_fds[call.arguments["fdname"]] = call.fds[-1]
+        return {}
+
+    def _remove_fd(self, call: Call) -> dict[str, Any]:
+        for fd in self.fdsets.pop(call.arguments["fdset-id"], []):
+            self._close(fd)
         return {}
 
     def _closefd(self, call: Call) -> dict[str, Any]:

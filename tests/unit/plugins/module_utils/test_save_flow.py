@@ -505,3 +505,11 @@ def test_a_peer_answering_nonsense_once_the_guest_is_paused_gets_it_resumed(gues
     with pytest.raises(MonitorError, match="answer to query-kvm is not an object"):
         save(guest, image)
     assert_resumed_and_clean(guest, image)
+
+
+def test_a_sparse_save_turns_mapped_ram_on_for_the_save_only(guest, image):
+    outcome = save(guest, image, image_format=ImageFormat.SPARSE, parallel_channels=2, after_save="running")
+    assert outcome.changed and read_image(str(image)).format == ImageFormat.SPARSE
+    set_calls = guest.process.server.calls_of("migrate-set-capabilities")
+    assert {"capability": "mapped-ram", "state": True} in set_calls[0].arguments["capabilities"]
+    assert guest.qemu.capabilities["mapped-ram"] is False and guest.qemu.parameters["multifd-channels"] == 2
