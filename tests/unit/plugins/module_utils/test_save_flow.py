@@ -35,6 +35,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._runtime import (
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._save import SaveRequest, save_guest
 from ansible_collections.savestate.qemu.tests.unit.fake_qemu import STREAM, FakeQemuHost, Guest
+from ansible_collections.savestate.qemu.tests.unit.fake_qmp import DROP
 from ansible_collections.savestate.qemu.tests.unit.image_helpers import make_image, make_savestate_image, savestate_record
 
 QEMU_7_2 = (7, 2, 0)
@@ -353,8 +354,7 @@ def test_qemu_closing_the_connection_on_quit_is_normal(guest, image):
     def quit_and_hang_up(call):
         guest.process.exit(0, "")
         guest.process.hang_up()
-        return _DROP
-    from ansible_collections.savestate.qemu.tests.unit.fake_qmp import DROP as _DROP
+        return DROP
     guest.process.server.on("quit", quit_and_hang_up)
     assert save(guest, image).guest["state"] == "stopped"
 
