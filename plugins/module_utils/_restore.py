@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -52,7 +53,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     PreconditionError,
     SaveStateError,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._host import ActiveGuest, check_identity
+from ansible_collections.savestate.qemu.plugins.module_utils._host import ActiveGuest, check_identity, scan_guests
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveImage
 from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import open_image
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image
@@ -101,6 +102,8 @@ from ansible_collections.savestate.qemu.plugins.module_utils._systemd import (
 )
 
 STATE_CHOICES = ("as_saved", "running", "paused")
+# What lists the host's active guests: /proc (``_host.scan_guests``), or in unit tests the guests they serve.
+GuestScan = Callable[[], Sequence[ActiveGuest]]
 
 
 @dataclass(frozen=True)
@@ -175,8 +178,9 @@ class GuestRestorer:
 
     def __init__(self, request: RestoreRequest, image: SaveImage, record: GuestRecord,
                  check_mode: bool, image_fd: int = -1, authenticated: bool = True,
-                 image_file_uid: int = 0) -> None:
+                 image_file_uid: int = 0, scan: GuestScan = scan_guests) -> None:
         self.request = request
+        self.scan = scan
         self.image_fd = image_fd            # the image, opened and verified once: the stream comes from it
         self.authenticated = authenticated  # false only with allow_unauthenticated
         self.image_file_uid = image_file_uid
@@ -201,7 +205,7 @@ class GuestRestorer:
 
     def check_identity(self) -> Optional[RestoreOutcome]:
         """None if the guest is not active; an outcome if it already is (libvirt's words on conflicts)."""
-        identity = check_identity(self.record.name, self.record.uuid)
+        identity = check_identity(self.record.name, self.record.uuid, guests=self.scan())
         if identity.name_only is not None:
             raise GuestConflictError(
                 f"domain '{self.record.name}' already exists with uuid {identity.name_only.uuid}: "
@@ -374,7 +378,7 @@ class GuestRestorer:
 
 # --- entry point --------------------------------------------------------------------------
 
-def _consumed_image(request: RestoreRequest, check_mode: bool) -> Optional[RestoreOutcome]:
+def _consumed_image(request: RestoreRequest, check_mode: bool, scan: GuestScan) -> Optional[RestoreOutcome]:
     """With ``remove_image``, a missing image and the guest active: an earlier run restored it.
 
     The image no longer tells who the guest is, so this takes ``name`` or ``uuid``.
@@ -384,7 +388,7 @@ def _consumed_image(request: RestoreRequest, check_mode: bool) -> Optional[Resto
     if request.name is None and request.uuid is None:
         raise ImageError(f"{request.path} does not exist. If an earlier run restored it with remove_image, "
                          "give the guest's name or uuid as well, and a re-run finds the guest active")
-    identity = check_identity(request.name, request.uuid)
+    identity = check_identity(request.name, request.uuid, guests=scan())
     if identity.both is None or identity.conflict:
         wanted = " and ".join(f"{label} {value}" for label, value in (("name", request.name),
                                                                       ("uuid", request.uuid)) if value)
@@ -393,19 +397,20 @@ def _consumed_image(request: RestoreRequest, check_mode: bool) -> Optional[Resto
                            f" and {request.path} is gone (restored by an earlier run with remove_image)")
 
 
-def restore_guest(request: RestoreRequest, check_mode: bool = False) -> RestoreOutcome:
+def restore_guest(request: RestoreRequest, check_mode: bool = False, scan: GuestScan = scan_guests) -> RestoreOutcome:
     """Restore the image the request names (see the module docstring for the order).
 
+    ``scan`` lists the active guests (this host's, unless a unit test hands in its own).
     A failure carries the image and the QMP conversation so far as its context.
     """
-    consumed = _consumed_image(request, check_mode)
+    consumed = _consumed_image(request, check_mode, scan)
     if consumed is not None:
         return consumed
     # Opened once: what is checked, verified and parsed is what QEMU is fed.
     with open_image(request.path, load_key(create=not check_mode)) as opened:
         record = opened.record
         restorer = GuestRestorer(request, opened.image, record, check_mode, opened.fd, opened.authenticated,
-                                 opened.file_uid)
+                                 opened.file_uid, scan)
         try:
             check_expected_identity(request.path, record, request.name, request.uuid)  # first: libvirt's way out
             check_authenticated(opened, request.path, request.allow_unauthenticated)

@@ -30,6 +30,7 @@ import shutil
 import stat
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -132,12 +133,16 @@ class SaveOutcome(Outcome):
 
 # --- finding the guest --------------------------------------------------------------
 
-def locate_guest(request: SaveRequest) -> Optional[ActiveGuest]:
+# What lists the host's active guests: /proc (``_host.scan_guests``), or in unit tests the guests they serve.
+GuestScan = Callable[[], Sequence[ActiveGuest]]
+
+
+def locate_guest(request: SaveRequest, scan: GuestScan = scan_guests) -> Optional[ActiveGuest]:
     """The one active guest every identifier given points at, or None if none does.
 
     Identifiers that point at different guests are an error: the user meant one guest.
     """
-    guests = scan_guests()
+    guests = scan()
     matches: dict[int, ActiveGuest] = {}
     pointed: list[tuple[str, set[int]]] = []
     if request.name is not None or request.uuid is not None:
@@ -654,19 +659,20 @@ def _image_matches_request(existing: ExistingImage, request: SaveRequest) -> boo
     return True
 
 
-def save_guest(request: SaveRequest, check_mode: bool = False) -> SaveOutcome:
+def save_guest(request: SaveRequest, check_mode: bool = False, scan: GuestScan = scan_guests) -> SaveOutcome:
     """Save the guest the request identifies (see the module docstring for the order).
 
     The guest's lock is taken before its monitor is opened: QMP serves one client,
     so a second save must queue on the lock rather than find the monitor busy. Once
     it has the lock, the guest may be gone (the first save ended it): look again.
+    ``scan`` lists the active guests (this host's, unless a unit test hands in its own).
     """
-    guest = locate_guest(request)
+    guest = locate_guest(request, scan)
     if guest is None:
         return already_saved(request)
     key = guest_key(guest.uuid, guest.name, guest.pid)
     with GuestLock(key, request.timeout, f"save to {request.path}"):
-        guest = locate_guest(request)
+        guest = locate_guest(request, scan)
         if guest is None:
             return already_saved(request)
         refuse_libvirt_guest(guest)

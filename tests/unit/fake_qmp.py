@@ -37,6 +37,7 @@ from typing import Any
 GREETING_VERSION = {"qemu": {"major": 10, "minor": 0, "micro": 2}, "package": "fake"}
 _HANG = object()
 _DROP = object()
+DROP = _DROP  # what a handler returns to hang up instead of answering (as ``drop`` does)
 
 
 class FakeQMPError(Exception):
@@ -143,16 +144,19 @@ class Session:
 
 
 class FakeQMPServer:
-    """Listen on ``path`` (unix) or on ``("127.0.0.1", 0)`` with ``tcp=True``.
+    """Listen on ``path`` (unix) or on ``("127.0.0.1", 0)`` with ``tcp=True``, or serve an
+    already listening ``listener`` (a socket another process bound and listens on, as
+    a QEMU does: the kernel then names that process as the server, see fake_qemu.py).
 
     ``greet=False`` accepts connections but never greets (a monitor held by another
     client); ``pretty=True`` sends multi-line JSON like ``-qmp-pretty``.
     """
 
     def __init__(self, path: str | Path | None = None, tcp: bool = False, greet: bool = True,
-                 version: dict[str, Any] | None = None, pretty: bool = False) -> None:
-        if (path is None) == (not tcp):
-            raise ValueError("give a unix socket path, or tcp=True")
+                 version: dict[str, Any] | None = None, pretty: bool = False,
+                 listener: socket.socket | None = None) -> None:
+        if [path is not None, tcp, listener is not None].count(True) != 1:
+            raise ValueError("give a unix socket path, tcp=True or a listening socket")
         self.path = str(path) if path is not None else None
         self.tcp = tcp
         self.greet = greet
@@ -163,7 +167,7 @@ class FakeQMPServer:
         self.received_fds: list[int] = []
         self.sessions: list[Session] = []
         self.stopped = threading.Event()
-        self._listener: socket.socket | None = None
+        self._listener: socket.socket | None = listener
         self._thread = threading.Thread(target=self._run, name="fake-qmp", daemon=True)
 
     # -- scripting ------------------------------------------------------------------
@@ -209,6 +213,10 @@ class FakeQMPServer:
         return str(self.path)
 
     def start(self) -> FakeQMPServer:
+        if self._listener is not None:
+            self._listener.settimeout(0.02)
+            self._thread.start()
+            return self
         if self.tcp:
             listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -224,7 +232,8 @@ class FakeQMPServer:
 
     def stop(self) -> None:
         self.stopped.set()
-        self._thread.join(timeout=10)
+        if self._thread.ident is not None:  # started
+            self._thread.join(timeout=10)
         for session in self.sessions:
             session.conn.close()
         if self._listener is not None:
