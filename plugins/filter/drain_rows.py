@@ -2,15 +2,11 @@
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""Documentation of the savestate.qemu.drain_rows filter, which fleet.py implements.
-
-fleet.py holds several filters; ansible-doc, ansible-test and galaxy-importer look for a
-filter's documentation in a Python file named after the filter, so each has one here.
-"""
+"""The documentation of the savestate.qemu.drain_rows filter; fleet.py holds its code."""
 
 from __future__ import annotations
 
-from typing import Any
+from ansible_collections.savestate.qemu.plugins.plugin_utils._filter_docs import DocumentationOnly
 
 DOCUMENTATION = r"""
 name: drain_rows
@@ -23,6 +19,8 @@ description:
     guests, the guest lists before and after) into rows with C(guest), C(name), C(uuid), C(before), C(image), C(size), C(seconds),
     C(mib_s), C(after), C(result), C(msg).
   - Internal to the role; its arguments may change.
+extends_documentation_fragment:
+  - savestate.qemu._fleet.JOBS
 options:
   _input:
     description: The async_status results of the save jobs.
@@ -44,11 +42,6 @@ options:
     type: list
     required: true
     elements: raw
-  guests_before:
-    description: M(savestate.qemu.guest_info) guests before the drain.
-    type: list
-    required: true
-    elements: raw
   guests_after:
     description: M(savestate.qemu.guest_info) guests after the drain.
     type: list
@@ -58,12 +51,6 @@ options:
     description: The image directory.
     type: str
     required: true
-  check_mode:
-    description: Whether the role runs in check mode.
-    type: bool
-  timeout:
-    description: Seconds a save job may take, for the message of one that did not finish.
-    type: int
   listed_only:
     description: Guests a check-mode run could only list.
     type: list
@@ -81,14 +68,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 _value:
-  description: One dict per guest.
+  description: One row (a dict) per guest the drain looked at.
   type: list
   elements: raw
 """
 
-
-class FilterModule:
-    """Registers no filter: fleet.py does (ansible loads every file here as a filter plugin)."""
-
-    def filters(self) -> dict[str, Any]:
-        return {}
+FilterModule = DocumentationOnly

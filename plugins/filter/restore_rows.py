@@ -2,15 +2,11 @@
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""Documentation of the savestate.qemu.restore_rows filter, which fleet.py implements.
-
-fleet.py holds several filters; ansible-doc, ansible-test and galaxy-importer look for a
-filter's documentation in a Python file named after the filter, so each has one here.
-"""
+"""The documentation of the savestate.qemu.restore_rows filter; fleet.py holds its code."""
 
 from __future__ import annotations
 
-from typing import Any
+from ansible_collections.savestate.qemu.plugins.plugin_utils._filter_docs import DocumentationOnly
 
 DOCUMENTATION = r"""
 name: restore_rows
@@ -21,6 +17,8 @@ author:
 description:
   - Turns what P(savestate.qemu.host_restore#role) collected into rows with the same keys as P(savestate.qemu.drain_rows#filter).
   - Internal to the role; its arguments may change.
+extends_documentation_fragment:
+  - savestate.qemu._fleet.JOBS
 options:
   _input:
     description: The async_status results of the restore jobs.
@@ -41,20 +39,9 @@ options:
     type: list
     required: true
     elements: str
-  guests_before:
-    description: M(savestate.qemu.guest_info) guests before the restore.
-    type: list
-    required: true
-    elements: raw
-  check_mode:
-    description: Whether the role runs in check mode.
-    type: bool
   remove_images:
     description: Whether images are deleted after their restore.
     type: bool
-  timeout:
-    description: Seconds a restore job may take.
-    type: int
   entries:
     description: The manifest's entries.
     type: list
@@ -71,14 +58,9 @@ EXAMPLES = r"""
 
 RETURN = r"""
 _value:
-  description: One dict per guest.
+  description: One row (a dict) per guest the restore looked at, with the keys of P(savestate.qemu.drain_rows#filter)'s rows.
   type: list
   elements: raw
 """
 
-
-class FilterModule:
-    """Registers no filter: fleet.py does (ansible loads every file here as a filter plugin)."""
-
-    def filters(self) -> dict[str, Any]:
-        return {}
+FilterModule = DocumentationOnly

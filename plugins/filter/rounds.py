@@ -2,15 +2,11 @@
 # GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
 # SPDX-License-Identifier: GPL-3.0-or-later
 
-"""Documentation of the savestate.qemu.rounds filter, which fleet.py implements.
-
-fleet.py holds several filters; ansible-doc, ansible-test and galaxy-importer look for a
-filter's documentation in a Python file named after the filter, so each has one here.
-"""
+"""The documentation of the savestate.qemu.rounds filter; fleet.py holds its code."""
 
 from __future__ import annotations
 
-from typing import Any
+from ansible_collections.savestate.qemu.plugins.plugin_utils._filter_docs import DocumentationOnly
 
 DOCUMENTATION = r"""
 name: rounds
@@ -50,9 +46,4 @@ _value:
   elements: raw
 """
 
-
-class FilterModule:
-    """Registers no filter: fleet.py does (ansible loads every file here as a filter plugin)."""
-
-    def filters(self) -> dict[str, Any]:
-        return {}
+FilterModule = DocumentationOnly
