@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from harness import page_cache  # noqa: E402
 from harness.guest import Guest, GuestSpec, qmp_execute  # noqa: E402
 from harness.libvirt import EmbeddedLibvirt  # noqa: E402
 from harness.paths import CACHE_DIR, VENV_DIR  # noqa: E402
@@ -84,14 +85,8 @@ class Cache:
         return True
 
     def drop(self, path: Optional[Path] = None) -> None:
-        if self._drop_caches() or path is None:
-            return
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        if not self._drop_caches() and path is not None:
+            page_cache.evict(path)
 
 
 def timed(action: Callable[[], Any]) -> float:

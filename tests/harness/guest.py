@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
-import re
 import socket
 import subprocess
 import time
@@ -26,11 +25,11 @@ from typing import Any
 
 from qemu.qmp import ConnectError, QMPClient
 
+from harness import heartbeat
 from harness.assets import ensure_guest_assets
 from harness.processes import pid_gone, kill_and_wait
 from harness.qemu import SYSTEM_QEMU, QemuBuild
 
-TICK = re.compile(rb"^tick (\d+)\r?$", re.MULTILINE)
 ACCEL = os.environ.get("SAVESTATE_TEST_ACCEL", "tcg")
 QMP_STYLES = ("unix", "tcp", "chardev", "pretty")
 NO_QMP = "none"  # the guest's extra_args bring its monitor
@@ -203,23 +202,21 @@ class Guest:
             return b""
 
     def ticks(self) -> list[int]:
-        return [int(n) for n in TICK.findall(self.serial_bytes())]
+        return heartbeat.ticks(self.serial_log)
 
     def last_tick(self) -> int:
-        ticks = self.ticks()
-        return ticks[-1] if ticks else 0
+        return heartbeat.last_tick(self.serial_log)
 
     def boots(self) -> int:
         """How many times the guest reached READY in this log (1 unless it rebooted)."""
         return self.serial_bytes().count(b"READY")
 
     def wait_tick_above(self, value: int, timeout: float = 30.0) -> int:
-        deadline = time.monotonic() + timeout
-        while (tick := self.last_tick()) <= value:
-            if time.monotonic() > deadline:
-                self._fail(f"heartbeat stuck at {tick}, expected above {value} within {timeout} s")
-            time.sleep(0.1)
-        return tick
+        try:
+            return heartbeat.wait_tick_above(self.serial_log, value, timeout, self.spec.name)
+        except heartbeat.HeartbeatStuck as stuck:
+            self._fail(str(stuck))  # with QEMU's log and the serial tail
+            raise
 
     def qmp(self, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
         """Run one QMP command on a fresh connection (QMP serves one client at a time)."""

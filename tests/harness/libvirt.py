@@ -17,7 +17,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from harness.assets import ensure_guest_assets
-from harness.guest import TICK
+from harness import heartbeat
 from harness.processes import kill_and_wait, qemu_processes
 from harness.qemu import SYSTEM_QEMU, QemuBuild
 
@@ -120,8 +120,7 @@ class EmbeddedLibvirt:
             time.sleep(0.1)
 
     def last_tick(self, name: str) -> int:
-        ticks = TICK.findall(self.serial_log(name).read_bytes())
-        return int(ticks[-1]) if ticks else 0
+        return heartbeat.last_tick(self.serial_log(name))
 
     def save(self, name: str, path: Path, image_format: str = "raw", *extra: str) -> None:
         self.virsh("save", name, str(path), "--image-format", image_format, *extra)

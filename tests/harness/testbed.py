@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from harness import heartbeat
 from harness.paths import PROJECT_ROOT, VENV_DIR, scratch_copy
 from harness.systemd_host import (GUEST_ASSETS_IN_HOST, KEYS_IN_HOST, QEMU72_IN_HOST, TEST_USER, VENV_IN_HOST,
                                   HostUnavailable, SystemdHost, cgroup_pids, cgroup_roots, kill_cgroup,
@@ -63,7 +64,6 @@ DEFAULT_BASE = Path(os.environ.get("SAVESTATE_TESTBED_DIR", "/var/tmp/savestate-
 GUESTS_DIR = "/var/lib/qemu-guests"
 QMP_DIR = "/run/qemu-guests"
 NET_UNIT = "savestate-testbed-net.service"
-TICK = re.compile(rb"^tick (\d+)\r?$", re.MULTILINE)
 # The hosts' QEMU 10.0 (bookworm-backports) and Debian 12's 7.2 (bound in at /opt/qemu-7.2).
 QEMUS = {"10.0": ["/usr/bin/qemu-system-x86_64"],
          "7.2": [f"{QEMU72_IN_HOST}/usr/bin/qemu-system-x86_64", "-L", f"{QEMU72_IN_HOST}/usr/share/qemu"]}
@@ -376,25 +376,13 @@ class TestbedGuest:
         return self.host.path(self.serial)
 
     def ticks(self) -> list[int]:
-        try:
-            return [int(m) for m in TICK.findall(self.serial_log.read_bytes())]
-        except FileNotFoundError:
-            return []
+        return heartbeat.ticks(self.serial_log)
 
     def last_tick(self) -> int:
-        ticks = self.ticks()
-        return ticks[-1] if ticks else 0
+        return heartbeat.last_tick(self.serial_log)
 
     def wait_tick_above(self, value: int, timeout: float = 60.0) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            ticks = self.ticks()
-            if ticks and ticks[-1] > value:
-                return ticks[-1]
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name} on {self.host.name}: heartbeat stuck at {ticks[-1:]}"
-                                     f" (wanted above {value})")
-            time.sleep(0.2)
+        return heartbeat.wait_tick_above(self.serial_log, value, timeout, f"{self.name} on {self.host.name}")
 
     def assert_continued(self, saved_tick: int, timeout: float = 60.0) -> None:
         """The heartbeat on this host goes on from ``saved_tick`` without a reboot or a gap."""

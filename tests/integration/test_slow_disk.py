@@ -42,6 +42,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import page_cache
 from harness.guest import GuestSpec
 from integration.common import assert_continued, ok, restore, save
 
@@ -107,15 +108,6 @@ def _run(*argv: str) -> str:
     return subprocess.run(argv, check=True, capture_output=True, text=True).stdout.strip()
 
 
-def _drop_from_page_cache(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 @pytest.fixture
 def slow_disk(workdir: Path) -> Iterator[SlowDisk]:
     if os.geteuid() != 0 or not (BLKIO / "blkio.throttle.read_bps_device").exists():
@@ -140,7 +132,7 @@ def test_save_and_restore_through_a_slow_disk(qemu, image_format, guest_factory,
     saved_tick = guest.last_tick()
     assert saved["stats"]["duration_s"] > SLOWER_THAN_S, saved["stats"]
 
-    _drop_from_page_cache(path)
+    page_cache.evict(path)
     restored = ok(restore(path))
     print(f"save {saved['stats']}, restore {restored['stats']}")  # the times, for -s runs
     assert restored["stats"]["duration_s"] > SLOWER_THAN_S, restored["stats"]

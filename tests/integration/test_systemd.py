@@ -11,7 +11,6 @@ heartbeat continued (no cold boot), that ``systemctl stop`` stops it.
 
 from __future__ import annotations
 
-import re
 import shlex
 import shutil
 import tempfile
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from harness import heartbeat
 from harness.qemu import QEMU72_DIR
 from harness.qemu import selected_builds
 from harness.systemd_host import GUEST_ASSETS_IN_HOST, QEMU72_IN_HOST, SystemdHost, unavailable_reason
@@ -32,7 +32,6 @@ REASON = unavailable_reason()
 if REASON:
     pytest.skip(f"no systemd host: {REASON}", allow_module_level=True)
 
-TICK = re.compile(rb"^tick (\d+)\r?$", re.MULTILINE)
 GUESTS = "/var/lib/qemu-guests"
 IMAGES = "/var/lib/qemu-saves"
 # The host's QEMU 10.0 (bookworm-backports) and Debian 12's 7.2 (unpacked on the build machine, bound in).
@@ -86,20 +85,10 @@ class HostGuest:
         return self.host.merged / GUESTS.lstrip("/") / f"{self.name}.serial"
 
     def ticks(self) -> list[int]:
-        try:
-            return [int(m) for m in TICK.findall(self.serial.read_bytes())]
-        except FileNotFoundError:
-            return []
+        return heartbeat.ticks(self.serial)
 
     def wait_tick_above(self, value: int, timeout: float = 60.0) -> int:
-        deadline = time.monotonic() + timeout
-        while True:
-            ticks = self.ticks()
-            if ticks and ticks[-1] > value:
-                return ticks[-1]
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: heartbeat stuck at {ticks[-1:]} (wanted above {value})")
-            time.sleep(0.2)
+        return heartbeat.wait_tick_above(self.serial, value, timeout, self.name)
 
     def assert_continued(self, saved_tick: int) -> None:
         self.wait_tick_above(saved_tick + 2)
