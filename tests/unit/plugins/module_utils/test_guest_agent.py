@@ -61,7 +61,7 @@ class FakeAgent:
 
     def _serve(self) -> None:
         try:
-            conn, _ = self.listener.accept()
+            conn = self.listener.accept()[0]
         except OSError:
             return
         with conn:
