@@ -95,6 +95,11 @@ def test_clock_jumps_to_the_hosts_time(qemu, guest_factory, workdir):
     assert abs(guest_time - host_time) < TOLERANCE_S, (guest_time, host_time)
     assert_continued(guest, saved_tick)
 
+    # A guest restored paused runs no agent to ask: not synced, and nothing to warn about.
+    ok(save(guest, path))
+    paused = ok(restore(path, state="paused"))
+    assert paused["guest"]["clock_synced"] is False and not paused.get("warnings"), paused
+
 
 def test_without_an_agent_the_restore_still_succeeds(qemu, guest_factory, workdir):
     """No agent channel: "no agent". A channel nobody answers on: a bounded wait, false and a warning."""
