@@ -96,6 +96,10 @@ class FdPassingUnsupportedError(MonitorError):
     """File descriptors cannot be passed over this endpoint (TCP)."""
 
 
+class GuestAgentError(SaveStateError):
+    """The QEMU guest agent cannot be reached, does not answer, or refused a command."""
+
+
 class QMPCommandError(MonitorError):
     """QEMU answered a command with an error."""
 

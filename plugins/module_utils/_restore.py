@@ -54,6 +54,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     SaveStateError,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._host import ActiveGuest, check_identity, scan_guests
+from ansible_collections.savestate.qemu.plugins.module_utils._guest_agent import sync_guest_clock
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveImage
 from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import open_image
 from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image
@@ -122,6 +123,7 @@ class RestoreRequest:
     trace: bool = False
     allow_unauthenticated: bool = False
     unit: str = UNIT_OPTION_AUTO     # systemd (issue 15): auto, none, or a unit name
+    sync_time: bool = True           # the guest's clock to the host's through its agent (issue 14)
 
 
 class RestoreOutcome(Outcome):
@@ -277,6 +279,8 @@ class GuestRestorer:
                              self.record.qmp or monitor_socket.path)
         guest["user"] = launch.describe_user
         guest["unit"] = placement.describe()
+        guest["clock_synced"] = sync_guest_clock(self.record.argv or (), cwd, qemu.pid,  # issue 14: _guest_agent
+                                                 self.request.sync_time and state == "running", self.warnings)
         return RestoreOutcome(True, f"restored guest '{self.record.name}' from {self.request.path}",
                               guest, self.describe(), stats, before, after, self.warnings, self.trace)
 

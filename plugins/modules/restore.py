@@ -127,6 +127,22 @@ options:
         collection's C(docs/performance.md) measurements two channels did not load faster than one.
     type: int
     default: 1
+  sync_time:
+    description:
+      - Set the restored guest's clock to the host's time through the QEMU guest agent, once the guest runs.
+        A restored guest's clock otherwise stands where it was at the save, behind by as long as the guest
+        was saved.
+      - The guest needs an agent channel on its command line (a C(virtserialport) named
+        C(org.qemu.guest_agent.0) whose chardev is a unix socket QEMU listens on) and C(qemu-ga) running
+        in the guest. The module sends C(guest-set-time) with the host's time only after the agent
+        answered C(guest-sync-delimited) and C(guest-ping), waiting a few seconds at most; the agent
+        then writes the guest's hardware clock too.
+      - A guest without an agent channel is restored as usual and reports RV(guest.clock_synced=no agent);
+        its clock catches up only when something in the guest sets it (NTP, chrony). A guest restored
+        paused is not synced.
+      - A failed sync (no agent answering, an agent that refuses) never fails the restore; it is a warning.
+    type: bool
+    default: true
   timeout:
     description:
       - Seconds the load may take before the restore is abandoned (QEMU killed, image untouched).
@@ -224,6 +240,15 @@ guest:
       type: dict
       returned: when the guest was restored
       sample: {"name": "qemu@web1.service", "kind": "persistent", "properties": {}}
+    clock_synced:
+      description:
+        - Whether the guest's clock was set to the host's time through its guest agent (O(sync_time)).
+        - V(true) when the agent set it. V(false) when O(sync_time=false), when the guest was restored
+          paused, or when the agent did not answer or refused (a warning then says why).
+          V(no agent) when the guest's command line has no guest agent channel.
+      type: raw
+      returned: when the guest was restored
+      sample: true
 image:
   description:
     - The image, the same dict as M(savestate.qemu.save_image_info) returns (see there for its keys).
@@ -288,6 +313,7 @@ def main() -> None:
             remove_image=dict(type="bool", default=False),
             parallel_channels=dict(type="int", default=1),
             unit=dict(type="str", default="auto"),
+            sync_time=dict(type="bool", default=True),
         ),
         requires=(QEMU_QMP, LXML),
     )
@@ -296,7 +322,8 @@ def main() -> None:
         path=params["path"], state=params["state"], name=params["name"], uuid=params["uuid"],
         emulator=params["emulator"], disk_check=params["disk_check"], remove_image=params["remove_image"],
         parallel_channels=params["parallel_channels"], timeout=params["timeout"], trace=params["qmp_trace"],
-        allow_unauthenticated=params["allow_unauthenticated"], unit=params["unit"])
+        allow_unauthenticated=params["allow_unauthenticated"], unit=params["unit"],
+        sync_time=params["sync_time"])
     outcome = module.run(lambda: restore_guest(request, check_mode=module.check_mode))
     module.exit_outcome(outcome)
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import os
 import pwd
+import re
 import socket
 import subprocess
 import time
@@ -30,6 +31,7 @@ from harness.assets import ensure_guest_assets
 from harness.processes import pid_gone, kill_and_wait
 from harness.qemu import SYSTEM_QEMU, QemuBuild
 
+CLOCK = re.compile(rb"^clock (\d+\.\d+)\r?$", re.MULTILINE)
 ACCEL = os.environ.get("SAVESTATE_TEST_ACCEL", "tcg")
 QMP_STYLES = ("unix", "tcp", "chardev", "pretty")
 NO_QMP = "none"  # the guest's extra_args bring its monitor
@@ -58,6 +60,8 @@ class GuestSpec:
     extra_args: tuple[str, ...] = ()
     user: str | None = None  # run QEMU as this user (its work directory is given to it)
     run_in_workdir: bool = False  # start QEMU with its work directory as its working directory
+    agent_channel: bool = False  # a virtio-serial port org.qemu.guest_agent.0, its host side a unix socket
+    agent: bool = False  # run the guest agent on that port (implies the channel) and print the clock
 
     @property
     def memory(self) -> int:
@@ -77,6 +81,7 @@ class Guest:
         self.qemu_log = workdir / "qemu.log"
         self.pidfile = workdir / "qemu.pid"
         self.qmp_socket = workdir / "qmp.sock"
+        self.agent_socket = workdir / "qga.sock"
         self.tcp_port = free_tcp_port() if spec.qmp == "tcp" else None
         self.disk = workdir / f"disk.{spec.disk_format}" if spec.disk_mib else None
         self.process: subprocess.Popen | None = None
@@ -126,8 +131,17 @@ class Guest:
         if self.disk is not None:
             kernel_args.append("disk=1")
             argv += ["-drive", f"file={self.disk},format={spec.disk_format},if=virtio,id=disk0"]
+        if spec.agent:
+            kernel_args.append("agent=1")
         argv += ["-append", " ".join(kernel_args)]
-        return argv + self._qmp_args() + list(spec.extra_args)
+        return argv + self._qmp_args() + self._agent_args() + list(spec.extra_args)
+
+    def _agent_args(self) -> list[str]:
+        if not (self.spec.agent or self.spec.agent_channel):
+            return []
+        return ["-device", "virtio-serial-pci,id=vser0",
+                "-chardev", f"socket,id=qga0,path={self.agent_socket},server=on,wait=off",
+                "-device", "virtserialport,bus=vser0.0,chardev=qga0,name=org.qemu.guest_agent.0"]
 
     # -- life cycle ---------------------------------------------------------------
 
@@ -206,6 +220,10 @@ class Guest:
 
     def last_tick(self) -> int:
         return heartbeat.last_tick(self.serial_log)
+
+    def clocks(self) -> list[float]:
+        """The guest's clock readings (``agent`` guests print one every half second), oldest first."""
+        return [float(value) for value in CLOCK.findall(self.serial_bytes())]
 
     def boots(self) -> int:
         """How many times the guest reached READY in this log (1 unless it rebooted)."""
