@@ -198,8 +198,8 @@ def _version(data: Mapping[str, Any]) -> tuple[int, tuple[str, ...]]:
     if version > FORMAT_VERSION:
         raise ManifestVersionError(
             f"it is of format version {version}, newer than this savestate.qemu reads (versions {OLDEST_VERSION} to "
-            f"{FORMAT_VERSION}): a newer savestate.qemu wrote it. Install that version (or a newer one) on the "
-            "controller and run the restore with it; see docs/drain-manifest.md")
+            f"{FORMAT_VERSION}): a newer savestate.qemu wrote it. Run the roles with that version or a newer one "
+            "(ansible-galaxy collection install --upgrade savestate.qemu on the controller); see docs/drain-manifest.md")
     return version, ()
 
 

@@ -147,6 +147,11 @@ manifest:
           machine: pc-q35-10.0
           saved_at: "2026-11-24T13:40:16Z"
           fingerprint: {size: 2150760448, mtime: 1764000016.25}
+added:
+  description: With O(state=present), the entries made for the images of O(saved), as written.
+  returned: success
+  type: list
+  elements: dict
 images:
   description: With O(state=read) and O(check_images) other than V(none), one item per entry.
   returned: success
@@ -235,8 +240,10 @@ def _write(module: AnsibleModule) -> dict[str, Any]:
     changed = before != text
     if changed and not module.check_mode:
         write_manifest(path, text)
+    written = json.loads(text)
+    added = [entry for entry in written["guests"] if entry["name"] in replaced]
     result = dict(changed=changed, exists=before is not None, version=FORMAT_VERSION,
-                  manifest=json.loads(text), images=[])
+                  manifest=written, added=added, images=[])
     if module._diff:
         result["diff"] = dict(before=before or "", after=text, before_header=path, after_header=path)
     return result
