@@ -123,6 +123,14 @@ version:
   returned: success
   type: int
   sample: 1
+notes:
+  description:
+    - What the module had to assume to read the manifest, for example that a manifest without a version is of
+      version 1. Each note is also given as a warning.
+  returned: success
+  type: list
+  elements: str
+  sample: ["the manifest has no 'version' field (written before the format was versioned): read as version 1"]
 manifest:
   description: The manifest in the current format version (empty when there is none).
   returned: success
@@ -213,7 +221,7 @@ def _read(module: AnsibleModule) -> dict[str, Any]:
         if not params["missing_ok"]:
             raise ManifestError(f"there is no drain manifest at {params['path']}: nothing was drained into "
                                 "this directory, or the manifest was moved; nothing was changed")
-        return dict(exists=False, version=None, manifest={"version": FORMAT_VERSION, "guests": []}, images=[])
+        return dict(exists=False, version=None, manifest={"version": FORMAT_VERSION, "guests": []}, images=[], notes=[])
     for note in manifest.notes:
         module.warn(f"{params['path']}: {note}")
     images = []
@@ -222,7 +230,8 @@ def _read(module: AnsibleModule) -> dict[str, Any]:
         for entry in manifest.guests:
             exists, problem = image_problem(entry, verify, _digest(module))
             images.append({"name": entry["name"], "path": entry["path"], "exists": exists, "problem": problem})
-    return dict(exists=True, version=manifest.version, manifest=manifest.as_dict(), images=images)
+    return dict(exists=True, version=manifest.version, manifest=manifest.as_dict(), images=images,
+                notes=list(manifest.notes))
 
 
 def _write(module: AnsibleModule) -> dict[str, Any]:
@@ -243,7 +252,7 @@ def _write(module: AnsibleModule) -> dict[str, Any]:
     written = json.loads(text)
     added = [entry for entry in written["guests"] if entry["name"] in replaced]
     result = dict(changed=changed, exists=before is not None, version=FORMAT_VERSION,
-                  manifest=written, added=added, images=[])
+                  manifest=written, added=added, images=[], notes=[])
     if module._diff:
         result["diff"] = dict(before=before or "", after=text, before_header=path, after_header=path)
     return result
