@@ -82,7 +82,7 @@ options:
   checksum_algorithm:
     description:
       - With O(state=present), also record a checksum of each image of O(saved) with this algorithm. The restore
-        then compares checksums instead of modification times (slower: it reads every image).
+        then compares checksums instead of modification times, which is slower as it reads every image.
     type: str
     choices: [md5, sha1, sha224, sha256, sha384, sha512]
 seealso:
