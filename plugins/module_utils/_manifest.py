@@ -324,10 +324,11 @@ def entry_from_image(image: Mapping[str, Any], algorithm: Optional[str], digest:
     path = image["path"]
     taken = fingerprint(path, algorithm, digest)
     memory_kib = image.get("memory_kib")
-    metadata = image.get("metadata") if isinstance(image.get("metadata"), Mapping) else {}
+    metadata = image.get("metadata")
+    metadata = metadata if isinstance(metadata, Mapping) else {}
     return {"name": image.get("name"), "uuid": image.get("uuid"), "path": path,
             "state": "running" if image.get("was_running") else "paused", "format": image.get("format"),
-            "size": taken["size"], "memory_mib": memory_kib // 1024 if _is_int(memory_kib) else None,
+            "size": taken["size"], "memory_mib": memory_kib // 1024 if isinstance(memory_kib, int) else None,
             "machine": image.get("machine"), "saved_at": metadata.get("saved_at"), "fingerprint": taken}
 
 
