@@ -7,7 +7,8 @@ An operator drains with one version of the collection and restores with another:
   QEMU starts, the images and the manifest stay as they are;
 - a manifest whose entry points outside its directory is refused the same way;
 - a manifest without a version (written before the format was versioned) is read
-  as version 1, says so, and its guests come back where they stopped.
+  as version 1, says so, and its guests come back where they stopped (their images
+  checked against the checksums the drain recorded).
 """
 
 from __future__ import annotations
@@ -48,11 +49,13 @@ def test_an_unknown_version_is_refused_and_an_unversioned_manifest_restores(
         guest_factory: Callable[..., Guest], workdir: Path) -> None:
     guests = [guest_factory(GuestSpec(name=name)) for name in NAMES]
     images = workdir / "images"
-    drain = run_role(workdir, "host_drain", {"host_drain_dir": str(images), "host_drain_guests": list(NAMES)})
+    drain = run_role(workdir, "host_drain", {"host_drain_dir": str(images), "host_drain_guests": list(NAMES),
+                                             "host_drain_checksum": True})
     assert drain.returncode == 0, drain.stdout + drain.stderr
     ticks = {guest.spec.name: guest.last_tick() for guest in guests}
     written = json.loads((images / "savestate-manifest.json").read_text())
     assert written["version"] == 1 and [g["name"] for g in written["guests"]] == list(NAMES)
+    assert all(g["fingerprint"]["checksum"].startswith("sha256:") for g in written["guests"])
 
     refused(workdir, images, {**written, "version": 2},
             "is of format version 2, newer than this savestate.qemu reads (versions 1 to 1)",
