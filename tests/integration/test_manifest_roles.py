@@ -3,8 +3,9 @@
 An operator drains with one version of the collection and restores with another:
 
 - a manifest of a format version this collection does not know (a newer one wrote
-  it) is refused with a message saying what to do, before anything changes: no
-  QEMU starts, the images and the manifest stay as they are;
+  it) is refused with a message saying what to do, before anything changes: a
+  drain saves no guest; a restore starts no QEMU, the images and the manifest stay
+  as they are;
 - a manifest whose entry points outside its directory is refused the same way;
 - a manifest without a version (written before the format was versioned) is read
   as version 1, says so, and its guests come back where they stopped (their images
@@ -49,6 +50,14 @@ def test_an_unknown_version_is_refused_and_an_unversioned_manifest_restores(
         guest_factory: Callable[..., Guest], workdir: Path) -> None:
     guests = [guest_factory(GuestSpec(name=name)) for name in NAMES]
     images = workdir / "images"
+    images.mkdir(mode=0o700)
+    newer = images / "savestate-manifest.json"
+    newer.write_text(json.dumps({"version": 2, "guests": [], "hosts": {}}))
+    refused_drain = run_role(workdir, "host_drain", {"host_drain_dir": str(images), "host_drain_guests": list(NAMES)})
+    assert refused_drain.returncode != 0 and "is of format version 2" in refused_drain.stdout, refused_drain.stdout
+    assert all(guest.is_alive() for guest in guests) and json.loads(newer.read_text())["version"] == 2
+    newer.unlink()
+
     drain = run_role(workdir, "host_drain", {"host_drain_dir": str(images), "host_drain_guests": list(NAMES),
                                              "host_drain_checksum": True})
     assert drain.returncode == 0, drain.stdout + drain.stderr
