@@ -278,7 +278,10 @@ def current_text(path: str) -> Optional[str]:
 def write_manifest(path: str, text: str) -> None:
     """Replace the manifest atomically (a reader sees the old one or the new one), mode 0600."""
     directory = os.path.dirname(path)
-    fd, temporary = tempfile.mkstemp(prefix=".savestate-manifest-", dir=directory)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".savestate-manifest-", dir=directory)
+    except OSError as error:
+        raise ManifestError(f"cannot write the drain manifest {path}: {error.strerror or error}") from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             os.fchmod(handle.fileno(), 0o600)

@@ -223,6 +223,8 @@ def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="cannot write the drain manifest"):
         write_manifest(str(target), "{}\n")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    with pytest.raises(ManifestError, match="cannot write the drain manifest .*: No such file or directory"):
+        write_manifest(str(tmp_path / "none" / "manifest.json"), "{}\n")
 
 
 # --- entries and fingerprints ------------------------------------------------------
