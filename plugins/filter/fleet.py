@@ -7,6 +7,11 @@
 The roles' decisions that would otherwise be long Jinja expressions live here, where
 they are plain Python with unit tests (tests/unit/plugins/filter/test_fleet.py):
 
+- ``drain_plan``: which guests a drain saves, keeps from an earlier drain, skips or
+  refuses (and why);
+- ``drain_space``: whether the guests' RAM fits in the image directory;
+- ``restore_plan``: which guests of the manifest a restore brings back, in which
+  order, which it leaves alone and which it refuses (and why);
 - ``rounds``: split a host's guests into rounds of at most N concurrent jobs;
 - ``drain_rows`` / ``restore_rows``: one row per guest (state before, image, size,
   seconds, MiB/s, state after, result, message) from what the role collected;
@@ -19,7 +24,9 @@ they are plain Python with unit tests (tests/unit/plugins/filter/test_fleet.py):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Optional
+
+from ansible_collections.savestate.qemu.plugins.module_utils._manifest import SAFE_NAME
 
 MIB = 1048576
 COLUMNS = ("guest", "before", "image", "size", "seconds", "MiB/s", "after")
@@ -29,6 +36,105 @@ DRAIN_WORDS = {"saved": "saved", "would_save": "would save", "kept": "already sa
                "skipped": "skipped (libvirt's)", "failed": "failed"}
 RESTORE_WORDS = {"restored": "restored", "would_restore": "would restore", "already_active": "already active",
                  "failed": "failed"}
+
+
+def _names(guests: Iterable[Mapping[str, Any]]) -> list[str]:
+    return [guest["name"] for guest in guests if isinstance(guest.get("name"), str)]
+
+
+def _refusal(name: Optional[str], uuid: Any, msg: str) -> dict[str, Any]:
+    return {"name": name, "uuid": uuid, "msg": msg}
+
+
+def drain_plan(guests: Iterable[Mapping[str, Any]], earlier: Optional[Mapping[str, Any]] = None,
+               wanted: Iterable[str] = (), exclude: Iterable[str] = ()) -> dict[str, list[Any]]:
+    """What a drain does with each guest: ``to_save``, ``kept``, ``skipped`` (libvirt's) and ``failures``.
+
+    ``guests`` are guest_info's active guests; ``earlier`` the drain_manifest read result
+    (``manifest.guests`` and ``images[].exists``) of the manifest already there;
+    ``wanted`` the names asked for (empty: every guest); ``exclude`` names left out.
+    An earlier entry is kept while its image exists and its guest is not active again.
+    A guest is refused (a failure, left running) when it has no name, a name that
+    cannot be a file name, or the name of another active guest; a name asked for
+    that is neither active nor kept is refused too.
+    """
+    guests = list(guests)
+    wanted, exclude = list(wanted), set(exclude)
+    active = _names(guests)
+    scope = [guest for guest in guests if (not wanted or guest.get("name") in wanted) and guest.get("name") not in exclude]
+    own = [guest for guest in scope if guest.get("managed_by") == "none"]
+    failures = [_refusal(None, guest.get("uuid"), f"the QEMU guest with pid {guest.get('pid')} has no name (-name), "
+                         "which a save image must record; it was left running")
+                for guest in own if not isinstance(guest.get("name"), str)]
+    named = [guest for guest in own if isinstance(guest.get("name"), str)]
+    failures += [_refusal(guest["name"], guest.get("uuid"), "the name cannot be used as the image's file name (letters, "
+                          "digits, '.', '_', '+' and '-' only); it was left running")
+                 for guest in named if not SAFE_NAME.match(guest["name"])]
+    safe = [guest for guest in named if SAFE_NAME.match(guest["name"])]
+    failures += [_refusal(guest["name"], guest.get("uuid"), "another active guest has the same name, and both images "
+                          "would get the same file name; it was left running")
+                 for guest in safe if active.count(guest["name"]) > 1]
+    existing = {image.get("name") for image in (earlier or {}).get("images", []) if image.get("exists")}
+    entries = ((earlier or {}).get("manifest") or {}).get("guests", [])
+    kept = [entry for entry in entries if entry.get("name") in existing and entry.get("name") not in active]
+    failures += [_refusal(name, None, "no active guest has this name, and the manifest lists no image of it")
+                 for name in wanted if name not in active and name not in _names(kept)]
+    return {"to_save": [guest for guest in safe if active.count(guest["name"]) == 1], "kept": kept,
+            "skipped": [guest for guest in scope if guest.get("managed_by") == "libvirt"], "failures": failures}
+
+
+def drain_space(guests: Iterable[Mapping[str, Any]], statfs: str, margin_mib: Any, directory: str) -> str:
+    """Why the guests' RAM does not fit in ``directory``, or "" when it does.
+
+    ``statfs`` is the output of ``stat -f -c '%a %S' DIRECTORY`` (free blocks, block size);
+    a raw image is about as large as the guest's RAM, so that plus ``margin_mib`` must fit.
+    """
+    guests = list(guests)
+    try:
+        blocks, block_size = (int(word) for word in statfs.split())
+    except ValueError:
+        return f"cannot tell the free space in {directory} from {statfs!r}"
+    free_mib = blocks * block_size // MIB
+    ram_mib = sum(int(guest.get("memory_mib") or 0) for guest in guests)
+    needed_mib = ram_mib + int(margin_mib)
+    if free_mib >= needed_mib:
+        return ""
+    return (f"Not enough free space in {directory} to drain this host: {free_mib} MiB free, {needed_mib} MiB needed "
+            f"({len(guests)} guests with {ram_mib} MiB of RAM in all, plus host_drain_space_margin_mib={int(margin_mib)}). "
+            "No guest was saved. Free some space, point host_drain_dir at a larger file system, or choose a "
+            "compressed host_drain_format.")
+
+
+def _key(name: Any, uuid: Any) -> tuple[str, str]:
+    return str(name), str(uuid).lower()
+
+
+def restore_plan(manifest: Mapping[str, Any], guests: Iterable[Mapping[str, Any]], wanted: Iterable[str] = (),
+                 order: Iterable[str] = ()) -> dict[str, Any]:
+    """What a restore does with each entry of the manifest.
+
+    ``manifest`` is the drain_manifest read result (``manifest.guests``, and
+    ``images[].problem`` when the images were compared with their fingerprints);
+    ``guests`` guest_info's active guests; ``wanted`` the names to restore (empty:
+    all); ``order`` the names to restore first, in that order (the others follow
+    by name). Returns ``pending`` (to restore, in order), ``active`` (already running
+    with the image's name and UUID: left alone), ``rejected`` (name -> why the image
+    is not restored) and ``unknown`` (names asked for that the manifest does not list).
+    """
+    wanted, order = list(wanted), list(order)
+    entries = list((manifest.get("manifest") or {}).get("guests", []))
+    problems = {image.get("name"): image.get("problem") for image in manifest.get("images", []) if image.get("problem")}
+    selected = {entry["name"]: entry for entry in entries if not wanted or entry["name"] in wanted}
+    first = [selected[name] for name in dict.fromkeys(order) if name in selected]
+    ordered = first + sorted((entry for entry in selected.values() if entry["name"] not in order),
+                             key=lambda entry: entry["name"])
+    running = {_key(guest.get("name"), guest.get("uuid")) for guest in guests}
+    active = [entry for entry in ordered if _key(entry["name"], entry.get("uuid")) in running]
+    pending = [entry for entry in ordered if _key(entry["name"], entry.get("uuid")) not in running]
+    rejected = {entry["name"]: problems[entry["name"]] for entry in pending if entry["name"] in problems}
+    return {"pending": [entry for entry in pending if entry["name"] not in rejected], "active": active,
+            "rejected": rejected, "unknown": [name for name in wanted if name not in _names(entries)],
+            "entries": ordered}
 
 
 def rounds(items: Iterable[Any], size: Any, first: Iterable[str] = ()) -> list[list[Any]]:
@@ -274,5 +380,6 @@ class FilterModule:
     """The roles' filters (savestate.qemu.rounds, ...)."""
 
     def filters(self) -> dict[str, Any]:
-        return {"rounds": rounds, "drain_rows": drain_rows, "restore_rows": restore_rows, "succeeded": succeeded,
+        return {"drain_plan": drain_plan, "drain_space": drain_space, "restore_plan": restore_plan,
+                "rounds": rounds, "drain_rows": drain_rows, "restore_rows": restore_rows, "succeeded": succeeded,
                 "failures": failures, "fleet_summary": fleet_summary, "fleet_failure": fleet_failure}

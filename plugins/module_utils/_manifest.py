@@ -1,0 +1,360 @@
+# Copyright: savestate.qemu contributors
+# GNU General Public License v3.0+ (see LICENSE or https://www.gnu.org/licenses/gpl-3.0.txt)
+# SPDX-License-Identifier: GPL-3.0-or-later
+
+# Note that this module util is **PRIVATE** to the collection. It can have breaking changes at any time.
+# Do not use this from other collections or standalone plugins/modules!
+
+"""The drain manifest: the versioned file host_drain writes and host_restore reads.
+
+One JSON object, documented in docs/drain-manifest.md::
+
+    {"version": 1, "guests": [{"name": ..., "uuid": ..., "path": ..., "state": ..., ...}]}
+
+Everything in it is data from a file: it is validated field by field before any
+decision is made on it, and an image path must name a file directly inside the
+manifest's own directory (the drain writes ``<dir>/<name>.save``), so that an edited
+manifest cannot point a restore at a file elsewhere. A manifest without ``version``
+reads as version 1 (with a note); a version this code does not know is refused with
+a message that says what to do, before anything is changed.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import stat
+import tempfile
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
+from ansible_collections.savestate.qemu.plugins.module_utils._image import ImageFormat
+from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import file_trust_problem
+
+# The version this code writes; it reads every version from 1 up to it.
+FORMAT_VERSION = 1
+OLDEST_VERSION = 1
+STATES = ("running", "paused")
+FORMATS = tuple(member.label for member in ImageFormat)
+CHECKSUM_ALGORITHMS = ("md5", "sha1", "sha224", "sha256", "sha384", "sha512")
+# A guest name that is also a safe file name: the drain saves nothing else.
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+CHECKSUM = re.compile(r"^([a-z0-9]+):([0-9a-f]+)$")
+# A manifest lists a host's guests: a few kB. Anything much larger is not one.
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+# Modification times are compared to the millisecond: file systems and JSON round differently.
+MTIME_TOLERANCE = 0.001
+UNVERSIONED_NOTE = ("the manifest has no 'version' field (written before the format was versioned): "
+                    "read as version 1")
+
+
+class ManifestError(SaveStateError):
+    """A drain manifest cannot be read, is malformed, or is of a version this code does not read."""
+
+
+class ManifestVersionError(ManifestError):
+    """The manifest's version is not one this code reads (newer, or not a version at all)."""
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A validated manifest, converted to the current version.
+
+    ``version`` is the version as read (1 for an unversioned manifest); ``guests``
+    the entries as plain dicts in the current version's shape, sorted by name;
+    ``notes`` what the reader had to assume.
+    """
+
+    version: int
+    guests: tuple[dict[str, Any], ...]
+    notes: tuple[str, ...] = field(default=())
+
+    def as_dict(self) -> dict[str, Any]:
+        """The manifest in the current version, as written."""
+        return {"version": FORMAT_VERSION, "guests": [dict(entry) for entry in self.guests]}
+
+
+# --- validation ----------------------------------------------------------------------
+
+def _where(index: int, entry: Any) -> str:
+    name = entry.get("name") if isinstance(entry, Mapping) else None
+    return f"guests[{index}]" + (f" ({name!r})" if isinstance(name, str) and len(name) <= 100 else "")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)) and math.isfinite(value)
+
+
+def _check_name(value: Any) -> Optional[str]:
+    if not isinstance(value, str) or not SAFE_NAME.match(value) or len(value) > 255:
+        return "must be a guest name of letters, digits, '.', '_', '+' and '-' (as the drain saves)"
+    return None
+
+
+def _check_uuid(value: Any) -> Optional[str]:
+    if value is not None and (not isinstance(value, str) or not UUID.match(value)):
+        return "must be a UUID (8-4-4-4-12 hexadecimal digits) or null"
+    return None
+
+
+def _check_choice(choices: tuple[str, ...]) -> Callable[[Any], Optional[str]]:
+    def check(value: Any) -> Optional[str]:
+        return None if value in choices else f"must be one of {', '.join(choices)}"
+    return check
+
+
+def _check_count(value: Any) -> Optional[str]:
+    return None if value is None or (_is_int(value) and value >= 0) else "must be a whole number >= 0 or null"
+
+
+def _check_text(value: Any) -> Optional[str]:
+    return None if value is None or (isinstance(value, str) and len(value) <= 4096) else "must be a string or null"
+
+
+def _check_fingerprint(value: Any) -> Optional[str]:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        return "must be an object with size, mtime and optionally checksum"
+    if "size" in value and not (_is_int(value["size"]) and value["size"] >= 0):
+        return "size must be a whole number >= 0"
+    if "mtime" in value and not _is_number(value["mtime"]):
+        return "mtime must be a number (seconds since the epoch)"
+    if "checksum" in value:
+        match = CHECKSUM.match(value["checksum"]) if isinstance(value["checksum"], str) else None
+        if not match or match.group(1) not in CHECKSUM_ALGORITHMS:
+            return f"checksum must be ALGORITHM:HEX with ALGORITHM one of {', '.join(CHECKSUM_ALGORITHMS)}"
+    return None
+
+
+# Version 1's fields: (checker, required). Unknown fields are kept and ignored (see the version policy).
+FIELDS_V1: dict[str, tuple[Callable[[Any], Optional[str]], bool]] = {
+    "name": (_check_name, True),
+    "path": (lambda value: None if isinstance(value, str) else "must be a string", True),
+    "state": (_check_choice(STATES), True),
+    "uuid": (_check_uuid, False),
+    "format": (_check_choice(FORMATS), False),
+    "size": (_check_count, False),
+    "memory_mib": (_check_count, False),
+    "machine": (_check_text, False),
+    "saved_at": (_check_text, False),
+    "fingerprint": (_check_fingerprint, False),
+}
+
+
+def image_path_problem(path: str, directory: str) -> Optional[str]:
+    """Why ``path`` is not a file directly inside ``directory``.
+
+    The comparison is on the text, as the drain wrote it: no ``..`` (which a symbolic
+    link could turn into any directory), and the normalised parent must be the
+    normalised directory.
+    """
+    if not os.path.isabs(path) or "\x00" in path:
+        return "must be an absolute path"
+    if ".." in path.split("/") or path.endswith("/"):
+        return "must not contain '..' nor end with '/'"
+    if os.path.dirname(os.path.normpath(path)) != os.path.normpath(directory):
+        return (f"must name a file directly inside the manifest's directory {os.path.normpath(directory)} "
+                "(the drain writes the images next to the manifest; move them together)")
+    return None
+
+
+def validate_entry(entry: Any, index: int, directory: str) -> dict[str, Any]:
+    """A version 1 entry, checked; raises ManifestError naming the entry and the field."""
+    where = _where(index, entry)
+    if not isinstance(entry, Mapping):
+        raise ManifestError(f"{where} must be an object, not {type(entry).__name__}")
+    for name, (check, required) in FIELDS_V1.items():
+        if name not in entry:
+            if required:
+                raise ManifestError(f"{where} has no '{name}'")
+            continue
+        problem = check(entry[name])
+        if problem:
+            raise ManifestError(f"{where}: '{name}' {problem}")
+    problem = image_path_problem(entry["path"], directory)
+    if problem:
+        raise ManifestError(f"{where}: 'path' {problem}")
+    return {**entry, "path": os.path.normpath(entry["path"])}
+
+
+def _version(data: Mapping[str, Any]) -> tuple[int, tuple[str, ...]]:
+    if "version" not in data:
+        return 1, (UNVERSIONED_NOTE,)
+    version = data["version"]
+    if not _is_int(version) or version < OLDEST_VERSION:
+        raise ManifestVersionError(
+            f"its 'version' is {json.dumps(version)[:40]}, which no savestate.qemu writes: it is not a drain manifest "
+            "or was edited by hand. Drain the host again to write a new one")
+    if version > FORMAT_VERSION:
+        raise ManifestVersionError(
+            f"it is of format version {version}, newer than this savestate.qemu reads (versions {OLDEST_VERSION} to "
+            f"{FORMAT_VERSION}): a newer savestate.qemu wrote it. Run the roles with that version or a newer one "
+            "(ansible-galaxy collection install --upgrade savestate.qemu on the controller); see docs/drain-manifest.md")
+    return version, ()
+
+
+def parse_manifest(data: Any, directory: str) -> Manifest:
+    """Validate a decoded manifest whose file is in ``directory``; raises ManifestError."""
+    if not isinstance(data, Mapping):
+        raise ManifestError(f"it must be a JSON object with 'version' and 'guests', not {type(data).__name__}")
+    version, notes = _version(data)
+    guests = data.get("guests")
+    if not isinstance(guests, list):
+        raise ManifestError("its 'guests' must be a list")
+    entries = [validate_entry(entry, index, directory) for index, entry in enumerate(guests)]
+    seen: dict[str, int] = {}
+    for index, entry in enumerate(entries):
+        if entry["name"] in seen:
+            raise ManifestError(f"guests[{seen[entry['name']]}] and guests[{index}] are both named {entry['name']!r}")
+        seen[entry["name"]] = index
+        if any(other["path"] == entry["path"] for other in entries[:index]):
+            raise ManifestError(f"{_where(index, entry)}: another guest has the same image {entry['path']}")
+    return Manifest(version, tuple(sorted(entries, key=lambda entry: entry["name"])), notes)
+
+
+def parse_text(text: str, directory: str) -> Manifest:
+    try:
+        data = json.loads(text)
+    except ValueError as error:
+        raise ManifestError(f"it is not valid JSON ({error})") from None
+    return parse_manifest(data, directory)
+
+
+def dump_manifest(entries: Iterable[Mapping[str, Any]], directory: str) -> str:
+    """The manifest file's text for ``entries``, validated first (the writer checks what readers check)."""
+    manifest = parse_manifest({"version": FORMAT_VERSION, "guests": [dict(entry) for entry in entries]}, directory)
+    return json.dumps(manifest.as_dict(), indent=2, sort_keys=True) + "\n"
+
+
+# --- the file on the host ---------------------------------------------------------
+
+def read_manifest(path: str) -> Optional[Manifest]:
+    """The manifest at ``path``, or None when there is none; raises ManifestError, prefixed with the path."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        raise ManifestError(f"cannot open the drain manifest {path}: {error.strerror or error}"
+                            + (" (a symbolic link is refused: give the real path)" if error.errno == 40 else "")) from None
+    try:
+        problem = file_trust_problem(os.fstat(fd))
+        if problem:
+            raise ManifestError(f"refusing the drain manifest {path}: {problem}. It decides which images are "
+                                "restored, so only root and its owner may be able to change it (chmod go-w)")
+        with os.fdopen(os.dup(fd), "rb") as handle:
+            raw = handle.read(MAX_MANIFEST_BYTES + 1)
+    finally:
+        os.close(fd)
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"the drain manifest {path} is larger than {MAX_MANIFEST_BYTES} bytes: not a manifest")
+    try:
+        return parse_text(raw.decode("utf-8"), os.path.dirname(path))
+    except UnicodeDecodeError:
+        raise ManifestError(f"the drain manifest {path} is not UTF-8 text") from None
+    except ManifestError as error:
+        raise type(error)(f"the drain manifest {path} cannot be used: {error}. Nothing was changed") from None
+
+
+def current_text(path: str) -> Optional[str]:
+    """The manifest file's text as it is (for changed and diff), or None when absent or unreadable."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read(MAX_MANIFEST_BYTES)
+    except OSError:
+        return None
+
+
+def write_manifest(path: str, text: str) -> None:
+    """Replace the manifest atomically (a reader sees the old one or the new one), mode 0600."""
+    directory = os.path.dirname(path)
+    try:
+        fd, temporary = tempfile.mkstemp(prefix=".savestate-manifest-", dir=directory)
+    except OSError as error:
+        raise ManifestError(f"cannot write the drain manifest {path}: {error.strerror or error}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            os.fchmod(handle.fileno(), 0o600)
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.rename(temporary, path)
+    except OSError as error:
+        try:
+            os.unlink(temporary)
+        except OSError:
+            pass
+        raise ManifestError(f"cannot write the drain manifest {path}: {error.strerror or error}") from None
+
+
+# --- entries and images --------------------------------------------------------------
+
+Digest = Callable[[str, str], Optional[str]]
+
+
+def _lstat(path: str) -> Optional[os.stat_result]:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
+def fingerprint(path: str, algorithm: Optional[str], digest: Digest) -> dict[str, Any]:
+    """What the restore compares the image with: size, modification time, and a checksum if asked for."""
+    info = _lstat(path)
+    if info is None or not stat.S_ISREG(info.st_mode):
+        raise ManifestError(f"the image {path} to list in the manifest is gone or not a regular file")
+    result: dict[str, Any] = {"size": info.st_size, "mtime": info.st_mtime}
+    if algorithm:
+        result["checksum"] = f"{algorithm}:{digest(path, algorithm)}"
+    return result
+
+
+def entry_from_image(image: Mapping[str, Any], algorithm: Optional[str], digest: Digest) -> dict[str, Any]:
+    """A manifest entry for an image the save module wrote (its result's ``image``)."""
+    if not isinstance(image, Mapping) or not isinstance(image.get("path"), str):
+        raise ManifestError(f"a saved image must be the save module's 'image' result, with a path, not {image!r:.200}")
+    path = image["path"]
+    taken = fingerprint(path, algorithm, digest)
+    memory_kib = image.get("memory_kib")
+    metadata = image.get("metadata")
+    metadata = metadata if isinstance(metadata, Mapping) else {}
+    return {"name": image.get("name"), "uuid": image.get("uuid"), "path": path,
+            "state": "running" if image.get("was_running") else "paused", "format": image.get("format"),
+            "size": taken["size"], "memory_mib": memory_kib // 1024 if isinstance(memory_kib, int) else None,
+            "machine": image.get("machine"), "saved_at": metadata.get("saved_at"), "fingerprint": taken}
+
+
+def image_problem(entry: Mapping[str, Any], verify: bool, digest: Digest) -> tuple[bool, Optional[str]]:
+    """Whether the entry's image exists, and (with ``verify``) why it may not be restored, or None."""
+    path = entry["path"]
+    info = _lstat(path)
+    if info is None:
+        return False, f"the image {path} is gone"
+    if not stat.S_ISREG(info.st_mode):
+        return False, f"the image {path} is not a regular file"
+    if not verify:
+        return True, None
+    expected = entry.get("fingerprint") or {}
+    if not expected:
+        return True, ("the manifest has no fingerprint of the image to compare it with "
+                      "(host_restore_verify_image: false restores it anyway)")
+    if "size" in expected and info.st_size != expected["size"]:
+        return True, f"the image changed size since the drain ({expected['size']} -> {info.st_size} bytes)"
+    if "checksum" in expected:
+        algorithm, wanted = expected["checksum"].split(":", 1)
+        if digest(path, algorithm) != wanted:
+            return True, "the image's checksum differs from the manifest's"
+    elif "mtime" in expected and abs(info.st_mtime - expected["mtime"]) > MTIME_TOLERANCE:
+        return True, "the image was modified after the drain"
+    return True, None
