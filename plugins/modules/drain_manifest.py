@@ -188,9 +188,7 @@ import json
 import os
 from typing import Any, Optional
 
-from ansible.module_utils.basic import AnsibleModule
-
-from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
+from ansible_collections.savestate.qemu.plugins.module_utils._module import SaveStateModule
 from ansible_collections.savestate.qemu.plugins.module_utils._manifest import (
     CHECKSUM_ALGORITHMS,
     FORMAT_VERSION,
@@ -202,19 +200,18 @@ from ansible_collections.savestate.qemu.plugins.module_utils._manifest import (
     read_manifest,
     write_manifest,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._proc import json_safe, json_text
 
 
-def _digest(module: AnsibleModule) -> Any:
+def _digest(module: SaveStateModule) -> Any:
     def digest(path: str, algorithm: str) -> Optional[str]:
-        value: Optional[str] = module.digest_from_file(path, algorithm)
+        value: Optional[str] = module.ansible.digest_from_file(path, algorithm)
         if value is None:
             raise ManifestError(f"cannot compute the {algorithm} checksum of {path}")
         return value
     return digest
 
 
-def _read(module: AnsibleModule) -> dict[str, Any]:
+def _read(module: SaveStateModule) -> dict[str, Any]:
     params = module.params
     manifest = read_manifest(params["path"])
     if manifest is None:
@@ -223,7 +220,7 @@ def _read(module: AnsibleModule) -> dict[str, Any]:
                                 "this directory, or the manifest was moved; nothing was changed")
         return dict(exists=False, version=None, manifest={"version": FORMAT_VERSION, "guests": []}, images=[], notes=[])
     for note in manifest.notes:
-        module.warn(f"{params['path']}: {note}")
+        module.ansible.warn(f"{params['path']}: {note}")
     images = []
     if params["check_images"] != "none":
         verify = params["check_images"] == "fingerprint"
@@ -234,7 +231,7 @@ def _read(module: AnsibleModule) -> dict[str, Any]:
                 notes=list(manifest.notes))
 
 
-def _write(module: AnsibleModule) -> dict[str, Any]:
+def _write(module: SaveStateModule) -> dict[str, Any]:
     params = module.params
     path = params["path"]
     directory = os.path.dirname(path)
@@ -253,32 +250,26 @@ def _write(module: AnsibleModule) -> dict[str, Any]:
     added = [entry for entry in written["guests"] if entry["name"] in replaced]
     result = dict(changed=changed, exists=before is not None, version=FORMAT_VERSION,
                   manifest=written, added=added, images=[], notes=[])
-    if module._diff:
+    if module.diff:
         result["diff"] = dict(before=before or "", after=text, before_header=path, after_header=path)
     return result
 
 
 def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            path=dict(type="path", required=True),
-            state=dict(type="str", default="read", choices=["read", "present"]),
-            missing_ok=dict(type="bool", default=False),
-            check_images=dict(type="str", default="exists", choices=["none", "exists", "fingerprint"]),
-            guests=dict(type="list", elements="dict", default=[]),
-            saved=dict(type="list", elements="dict", default=[]),
-            checksum_algorithm=dict(type="str", choices=list(CHECKSUM_ALGORITHMS)),
-        ),
-        supports_check_mode=True,
-    )
+    module = SaveStateModule(dict(
+        path=dict(type="path", required=True),
+        state=dict(type="str", default="read", choices=["read", "present"]),
+        missing_ok=dict(type="bool", default=False),
+        check_images=dict(type="str", default="exists", choices=["none", "exists", "fingerprint"]),
+        guests=dict(type="list", elements="dict", default=[]),
+        saved=dict(type="list", elements="dict", default=[]),
+        checksum_algorithm=dict(type="str", choices=list(CHECKSUM_ALGORITHMS)),
+    ))
     if not os.path.isabs(module.params["path"]):
-        module.fail_json(msg=f"path must be absolute, not {module.params['path']!r}")
-    try:
-        result = _read(module) if module.params["state"] == "read" else _write(module)
-    except SaveStateError as error:
-        module.fail_json(msg=json_text(str(error)))
+        module.fail(f"path must be absolute, not {module.params['path']!r}")
+    result = module.run(lambda: _read(module) if module.params["state"] == "read" else _write(module))
     result.setdefault("changed", False)
-    module.exit_json(**json_safe(result))
+    module.exit(**result)
 
 
 if __name__ == "__main__":
