@@ -21,6 +21,7 @@ a message that says what to do, before anything is changed.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -245,8 +246,8 @@ def read_manifest(path: str) -> Optional[Manifest]:
     except FileNotFoundError:
         return None
     except OSError as error:
-        raise ManifestError(f"cannot open the drain manifest {path}: {error.strerror or error}"
-                            + (" (a symbolic link is refused: give the real path)" if error.errno == 40 else "")) from None
+        hint = " (a symbolic link is refused: give the real path)" if error.errno == errno.ELOOP else ""
+        raise ManifestError(f"cannot open the drain manifest {path}: {error.strerror or error}{hint}") from None
     try:
         problem = file_trust_problem(os.fstat(fd))
         if problem:
