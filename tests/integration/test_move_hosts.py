@@ -16,7 +16,6 @@ integration/test_move_hosts.py -q -p no:xdist``. ``SAVESTATE_MOVE_FIGURES=1`` al
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
@@ -304,56 +303,72 @@ def _downtime(before: tb.TestbedGuest, after: tb.TestbedGuest, action: Callable[
     return wall, seen.get("destination_first", float("nan")) - seen["source_last"]
 
 
+def _figure(wall: float, down: float, sampler: Sampler | None = None) -> dict[str, Any]:
+    figure: dict[str, Any] = {"wall_s": round(wall, 1), "downtime_s": round(down, 1),
+                              "load": [round(x, 2) for x in os.getloadavg()]}
+    if sampler is not None:
+        figure["peak_rss_mib"] = {k: round(v / 2**20) for k, v in sampler.peaks.items()}
+    print("MOVE FIGURE " + json.dumps(figure), flush=True)
+    return figure
+
+
 @pytest.mark.skipif(not os.environ.get("SAVESTATE_MOVE_FIGURES"),
                     reason="SAVESTATE_MOVE_FIGURES=1 measures moves of a 1 GiB guest (SAVESTATE_MOVE_FIGURES_MIB: another size)")
 def test_figures(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) -> None:
+    """Rounds (SAVESTATE_MOVE_FIGURES_ROUNDS, default 1) that interleave the hand-made sequence and
+    the role, so that both see the same load on this shared machine: by hand hv1 -> hv2, the role
+    hv2 -> hv1 and hv1 -> hv2, by hand hv2 -> hv1; then once the role with the controller's pipe."""
     memory_mib = int(os.environ.get("SAVESTATE_MOVE_FIGURES_MIB", "1024"))
+    rounds = int(os.environ.get("SAVESTATE_MOVE_FIGURES_ROUNDS", "1"))
     # three quarters random data (at least 256 MiB left for the guest's kernel)
     guest = testbed_guest("hv1", "ssq-mvbig", fill_mib=min(memory_mib * 3 // 4, memory_mib - 256), memory_mib=memory_mib)
-    _prepare(testbed, "hv2")
-    figures: dict[str, Any] = {}
-    on2 = guest.on(testbed["hv2"])
-    for label, source, destination, transfer in (("ssh A->B", "hv1", "hv2", "ssh"),
-                                                 ("ssh B->A", "hv2", "hv1", "ssh"),
-                                                 ("controller A->B", "hv1", "hv2", "controller")):
-        src_guest, dst_guest = (guest, on2) if source == "hv1" else (on2, guest)
-        src_guest.wait_tick_above(src_guest.last_tick())
+    _prepare(testbed, "hv1", "hv2")
+    on = {"hv1": guest, "hv2": guest.on(testbed["hv2"])}
+    figures: list[dict[str, Any]] = []
+
+    def by_role(source: str, destination: str, transfer: str = "ssh") -> None:
+        on[source].wait_tick_above(on[source].last_tick())
         with Sampler.around(testbed, ["hv1", "hv2"]) as sampler:
-            wall, down = _downtime(src_guest, dst_guest, functools.partial(
-                lambda src, dst, how: _move(testbed, guest.name, src, dst, guest_move_transfer=how).check(),
-                source, destination, transfer))
-        figures[label] = {"wall_s": round(wall, 1), "downtime_s": round(down, 1),
-                          "peak_rss_mib": {k: round(v / 2**20) for k, v in sampler.peaks.items()}}
-        if label == "controller A->B":
-            # back for the manual run
-            _move(testbed, guest.name, "hv2", "hv1").check()
-    figures["manual save+scp+restore A->B"] = _manual(testbed, guest, on2)
+            wall, down = _downtime(on[source], on[destination],
+                                   lambda: _move(testbed, guest.name, source, destination, guest_move_transfer=transfer).check())
+        figures.append({"move": f"{transfer} {source}->{destination}", **_figure(wall, down, sampler)})
+
+    def by_hand(source: str, destination: str) -> None:
+        figures.append({"move": f"manual {source}->{destination}", **_manual(testbed, on, source, destination)})
+
+    for _ in range(rounds):
+        by_hand("hv1", "hv2")
+        by_role("hv2", "hv1")
+        by_role("hv1", "hv2")
+        by_hand("hv2", "hv1")
+    by_role("hv1", "hv2", "controller")
     print("MOVE FIGURES " + json.dumps(figures))
 
 
-def _manual(fleet: Fleet, guest: tb.TestbedGuest, moved: tb.TestbedGuest) -> dict[str, Any]:
-    """What an operator does by hand: save on hv1, scp as root hv1 -> hv2, restore on hv2."""
-    hv1, hv2 = fleet["hv1"], fleet["hv2"]
-    key = hv1.path("/root/.ssh/id_manual")
+def _manual(fleet: Fleet, on: dict[str, tb.TestbedGuest], source: str, destination: str) -> dict[str, Any]:
+    """What an operator does by hand: save on the source, scp as root to the destination, restore there."""
+    src, dst = fleet[source], fleet[destination]
+    key = src.path("/root/.ssh/id_manual")
     key.parent.mkdir(mode=0o700, exist_ok=True)
     key.write_bytes(fleet.config.key.read_bytes())
     key.chmod(0o600)
     image = f"{MOVE_DIR}/manual.save"
-    hv1.sh(f"mkdir -p {MOVE_DIR}")
-    hv2.sh(f"mkdir -p {MOVE_DIR}")
+    src.sh(f"mkdir -p {MOVE_DIR}")
+    dst.sh(f"mkdir -p {MOVE_DIR}")
 
     def steps() -> None:
-        assert not fleet.run_module("hv1", "save", {"name": guest.name, "path": image}).get("failed")
-        hv1.sh(f"scp -q -i /root/.ssh/id_manual -o BatchMode=yes {image} root@hv2:{image} && rm -f {image}", timeout=900)
-        assert not fleet.run_module("hv2", "restore", {"path": image, "name": guest.name,
-                                                       "remove_image": True}).get("failed")
+        assert not fleet.run_module(source, "save", {"name": on[source].name, "path": image}).get("failed")
+        src.sh(f"scp -q -i /root/.ssh/id_manual -o BatchMode=yes {image} root@{destination}:{image} && rm -f {image}",
+               timeout=900)
+        assert not fleet.run_module(destination, "restore", {"path": image, "name": on[source].name,
+                                                              "remove_image": True}).get("failed")
 
-    guest.wait_tick_above(guest.last_tick())
+    on[source].wait_tick_above(on[source].last_tick())
     try:
-        wall, down = _downtime(guest, moved, steps)
+        wall, down = _downtime(on[source], on[destination], steps)
     finally:
         key.unlink()
-    return {"wall_s": round(wall, 1), "downtime_s": round(down, 1)}
+    return _figure(wall, down)
 
 
 KEY_PLAY = """
