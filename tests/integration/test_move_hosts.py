@@ -66,8 +66,12 @@ def _prepare(fleet: Fleet, *hosts: str) -> None:
 
 
 def _move(fleet: Fleet, guest: str, source: str, destination: str, **extra: Any) -> PlaybookRun:
+    env = None
+    if os.environ.get("MVT"):
+        from harness.testbed import RESULT_CALLBACK_DIR
+        env = {"ANSIBLE_CALLBACK_PLUGINS": f"{RESULT_CALLBACK_DIR}:/tmp/mvcb", "ANSIBLE_CALLBACKS_ENABLED": "savestate_result_file,mv_timing"}
     return fleet.run_playbook(MOVE_PLAY, {"move_guest": guest, "move_from": source, "move_to": destination,
-                                          "savestate_qemu_image_key": IMAGE_KEY, **extra}, timeout=900)
+                                          "savestate_qemu_image_key": IMAGE_KEY, **extra}, timeout=900, env=env)
 
 
 def _no_key_left(fleet: Fleet, *hosts: str) -> None:
@@ -300,6 +304,10 @@ def _downtime(before: tb.TestbedGuest, after: tb.TestbedGuest, action: Callable[
     finally:
         stop.set()
         thread.join()
+    if os.environ.get("MVT"):
+        with open("/tmp/mvcb/timing.log", "a") as f:
+            offset = time.time() - time.monotonic()
+            f.write(f"{seen['source_last'] + offset:.3f} LAST TICK\n{seen.get('destination_first', 0) + offset:.3f} FIRST TICK\n")
     return wall, seen.get("destination_first", float("nan")) - seen["source_last"]
 
 
@@ -316,8 +324,8 @@ def _figure(wall: float, down: float, sampler: Sampler | None = None) -> dict[st
                     reason="SAVESTATE_MOVE_FIGURES=1 measures moves of a 1 GiB guest (SAVESTATE_MOVE_FIGURES_MIB: another size)")
 def test_figures(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) -> None:
     """Rounds (SAVESTATE_MOVE_FIGURES_ROUNDS, default 1) that interleave the hand-made sequence and
-    the role, so that both see the same load on this shared machine: by hand hv1 -> hv2, the role
-    hv2 -> hv1 and hv1 -> hv2, by hand hv2 -> hv1; then once the role with the controller's pipe."""
+    the role, so that both see the same load on this shared machine: the role hv1 -> hv2, by hand
+    hv2 -> hv1 and hv1 -> hv2, the role hv2 -> hv1; then once the role with the controller's pipe."""
     memory_mib = int(os.environ.get("SAVESTATE_MOVE_FIGURES_MIB", "1024"))
     rounds = int(os.environ.get("SAVESTATE_MOVE_FIGURES_ROUNDS", "1"))
     # three quarters random data (at least 256 MiB left for the guest's kernel)
@@ -336,11 +344,11 @@ def test_figures(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) 
     def by_hand(source: str, destination: str) -> None:
         figures.append({"move": f"manual {source}->{destination}", **_manual(testbed, on, source, destination)})
 
-    for _ in range(rounds):
-        by_hand("hv1", "hv2")
-        by_role("hv2", "hv1")
+    for _ in range(rounds):  # the role first: it installs the fleet's image key on both hosts
         by_role("hv1", "hv2")
         by_hand("hv2", "hv1")
+        by_hand("hv1", "hv2")
+        by_role("hv2", "hv1")
     by_role("hv1", "hv2", "controller")
     print("MOVE FIGURES " + json.dumps(figures))
 
@@ -357,11 +365,12 @@ def _manual(fleet: Fleet, on: dict[str, tb.TestbedGuest], source: str, destinati
     dst.sh(f"mkdir -p {MOVE_DIR}")
 
     def steps() -> None:
-        assert not fleet.run_module(source, "save", {"name": on[source].name, "path": image}).get("failed")
+        saved = fleet.run_module(source, "save", {"name": on[source].name, "path": image})
+        assert not saved.get("failed"), saved
         src.sh(f"scp -q -i /root/.ssh/id_manual -o BatchMode=yes {image} root@{destination}:{image} && rm -f {image}",
                timeout=900)
-        assert not fleet.run_module(destination, "restore", {"path": image, "name": on[source].name,
-                                                              "remove_image": True}).get("failed")
+        restored = fleet.run_module(destination, "restore", {"path": image, "name": on[source].name, "remove_image": True})
+        assert not restored.get("failed"), restored
 
     on[source].wait_tick_above(on[source].last_tick())
     try:
@@ -443,3 +452,65 @@ def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Flee
         hv1.sh(f"rm -f {MOVE_DIR}/ssq-key.save /root/secret")
     _no_key_left(testbed, "hv1", "hv2")
     assert hv2.ssh(f"{ssh} stream").returncode == 255  # the key is gone
+
+
+SHARED_KEY_PLAY = """
+- name: Authorize a move's key on hv1 for hv2, for the user mover (no ~/.ssh yet)
+  hosts: hv1
+  gather_facts: false
+  tasks:
+    - name: Set up the key
+      ansible.builtin.include_role:
+        name: savestate.qemu.guest_move
+        tasks_from: ssh_setup
+      vars:
+        guest_move_name: "{{ image }}"
+        guest_move_destination: hv2
+        guest_move_ssh_user: mover
+        guest_move__source_image: "/var/lib/savestate/shared/{{ image }}.save"
+        guest_move__source_address: "{{ ansible_host }}"
+    - name: Tell the test where the key is and what the setup created
+      ansible.builtin.debug:
+        msg: "KEYDIR={{ guest_move__ssh_tmp.path }} MARKER={{ guest_move__key_marker }} CREATED={{ guest_move__key_created.stdout }}"
+"""
+
+SHARED_CLEANUP_PLAY = CLEANUP_PLAY.replace(
+    "guest_move__authorized_keys: /root/.ssh/authorized_keys",
+    "guest_move__authorized_keys: /home/mover/.ssh/authorized_keys\n"
+    "        guest_move__key_created: {stdout: \"{{ created }}\"}")
+
+
+def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None:
+    """Two moves from the same source at once each get their key (the file is edited under a
+    lock); what the setup created for them (~/.ssh, authorized_keys) is gone once both are done.
+    The user's login shell is dash: the forced command is POSIX sh."""
+    hv1, hv2 = testbed["hv1"], testbed["hv2"]
+    hv1.sh("id mover >/dev/null 2>&1 || useradd -m -s /bin/sh mover; rm -rf /home/mover/.ssh; "
+           "mkdir -p /var/lib/savestate/shared && for i in 1 2; do head -c 3000000 /dev/urandom "
+           "> /var/lib/savestate/shared/ssq-sk$i.save; done; chmod -R a+rX /var/lib/savestate/shared")
+    runs: dict[str, PlaybookRun] = {}
+    threads = [threading.Thread(target=lambda i=i: runs.__setitem__(i, testbed.run_playbook(SHARED_KEY_PLAY, {"image": i})))
+               for i in ("ssq-sk1", "ssq-sk2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    found = {i: dict(re.findall(r"(KEYDIR|MARKER|CREATED)=(\S+)", run.check().stdout)) for i, run in runs.items()}
+    try:
+        keys = hv1.sh("cat /home/mover/.ssh/authorized_keys")
+        for i, seen in found.items():
+            assert seen["MARKER"] in keys, f"the key of {i} was lost: {keys}"
+            ssh = (f"ssh -F /dev/null -T -i {seen['KEYDIR']}/id -o BatchMode=yes -o IdentitiesOnly=yes "
+                   f"-o UserKnownHostsFile={seen['KEYDIR']}/known_hosts -o GlobalKnownHostsFile=/dev/null "
+                   f"-o StrictHostKeyChecking=yes -o HostKeyAlias=savestate-move-source -l mover hv1")
+            # The image on stdout, its digest on stderr, from one read.
+            sent = hv2.ssh(f"{ssh} stream 2>/tmp/{i}.err | sha256sum; cat /tmp/{i}.err").stdout.split()
+            assert sent[0] == hv1.sh(f"sha256sum /var/lib/savestate/shared/{i}.save").split()[0] == sent[2], sent
+        assert sorted(seen["CREATED"] for seen in found.values()) in (["directory", "file"], ["directory", "none"])
+    finally:
+        # The run that created the directory cleans up last.
+        for i, seen in sorted(found.items(), key=lambda item: item[1]["CREATED"] == "directory"):
+            testbed.run_playbook(SHARED_CLEANUP_PLAY, {"keydir": seen["KEYDIR"], "marker": seen["MARKER"],
+                                                       "created": seen["CREATED"]}).check()
+        hv1.sh("rm -rf /var/lib/savestate/shared")
+    assert not hv1.path("/home/mover/.ssh").exists(), hv1.sh("ls -la /home/mover/.ssh")
