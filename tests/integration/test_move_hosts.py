@@ -405,13 +405,14 @@ KEY_PLAY = """
         name: savestate.qemu.guest_move
         tasks_from: ssh_setup
       vars:
-        guest_move_name: ssq-key
+        guest_move_name: "{{ image | default('ssq-key') }}"
         guest_move_destination: hv2
-        guest_move__source_image: /var/lib/savestate/move/ssq-key.save
+        guest_move_ssh_user: "{{ key_user | default('root') }}"
+        guest_move__source_image: "{{ image_dir | default('/var/lib/savestate/move') }}/{{ image | default('ssq-key') }}.save"
         guest_move__source_address: "{{ ansible_host }}"
     - name: Tell the test where the key is
       ansible.builtin.debug:
-        msg: "KEYDIR={{ guest_move__ssh_tmp.path }}"
+        msg: "KEYDIR={{ guest_move__ssh_tmp.path }} MARKER={{ guest_move__key_marker }} CREATED={{ guest_move__key_created.stdout }}"
 """
 
 CLEANUP_PLAY = """
@@ -432,6 +433,13 @@ CLEANUP_PLAY = """
 """
 
 
+def _key_ssh(keydir: str, user: str = "root") -> str:
+    """The destination's ssh command with a move's key (as guest_move runs it, less its hardening)."""
+    return (f"ssh -F /dev/null -T -i {keydir}/id -o BatchMode=yes -o IdentitiesOnly=yes "
+            f"-o UserKnownHostsFile={keydir}/known_hosts -o GlobalKnownHostsFile=/dev/null "
+            f"-o StrictHostKeyChecking=yes -o HostKeyAlias=savestate-move-source -l {user} hv1")
+
+
 def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Fleet) -> None:
     hv1, hv2, hv3 = testbed["hv1"], testbed["hv2"], testbed["hv3"]
     hv1.sh(f"mkdir -p {MOVE_DIR} && echo the-image > {MOVE_DIR}/ssq-key.save && echo secret > /root/secret")
@@ -439,9 +447,7 @@ def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Flee
     keydir = re.search(r"KEYDIR=(/tmp/savestate-move\.\w+)", run.stdout).group(1)
     line = next(x for x in hv1.sh("cat /root/.ssh/authorized_keys").splitlines() if KEY_MARKER in x)
     assert line.startswith('restrict,from="10.213.7.12",expiry-time="') and 'command="' in line
-    ssh = (f"ssh -F /dev/null -T -i {keydir}/id -o BatchMode=yes -o IdentitiesOnly=yes "
-           f"-o UserKnownHostsFile={keydir}/known_hosts -o GlobalKnownHostsFile=/dev/null "
-           f"-o StrictHostKeyChecking=yes -o HostKeyAlias=savestate-move-source -l root hv1")
+    ssh = _key_ssh(keydir)
     try:
         # Whatever hv2 asks for, it gets the image and nothing else.
         assert hv2.ssh(f"{ssh} stream").stdout == "the-image\n"
@@ -469,26 +475,6 @@ def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Flee
     assert hv2.ssh(f"{ssh} stream").returncode == 255  # the key is gone
 
 
-SHARED_KEY_PLAY = """
-- name: Authorize a move's key on hv1 for hv2, for the user mover (no ~/.ssh yet)
-  hosts: hv1
-  gather_facts: false
-  tasks:
-    - name: Set up the key
-      ansible.builtin.include_role:
-        name: savestate.qemu.guest_move
-        tasks_from: ssh_setup
-      vars:
-        guest_move_name: "{{ image }}"
-        guest_move_destination: hv2
-        guest_move_ssh_user: mover
-        guest_move__source_image: "/var/lib/savestate/shared/{{ image }}.save"
-        guest_move__source_address: "{{ ansible_host }}"
-    - name: Tell the test where the key is and what the setup created
-      ansible.builtin.debug:
-        msg: "KEYDIR={{ guest_move__ssh_tmp.path }} MARKER={{ guest_move__key_marker }} CREATED={{ guest_move__key_created.stdout }}"
-"""
-
 SHARED_CLEANUP_PLAY = CLEANUP_PLAY.replace(
     "guest_move__authorized_keys: /root/.ssh/authorized_keys",
     "guest_move__authorized_keys: /home/mover/.ssh/authorized_keys\n"
@@ -504,7 +490,8 @@ def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None
            "mkdir -p /var/lib/savestate/shared && for i in 1 2; do head -c 3000000 /dev/urandom "
            "> /var/lib/savestate/shared/ssq-sk$i.save; done; chmod -R a+rX /var/lib/savestate/shared")
     runs: dict[str, PlaybookRun] = {}
-    threads = [threading.Thread(target=lambda i=i: runs.__setitem__(i, testbed.run_playbook(SHARED_KEY_PLAY, {"image": i})))
+    key_vars = {"key_user": "mover", "image_dir": "/var/lib/savestate/shared"}
+    threads = [threading.Thread(target=lambda i=i: runs.__setitem__(i, testbed.run_playbook(KEY_PLAY, {"image": i, **key_vars})))
                for i in ("ssq-sk1", "ssq-sk2")]
     for thread in threads:
         thread.start()
@@ -515,9 +502,7 @@ def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None
         keys = hv1.sh("cat /home/mover/.ssh/authorized_keys")
         for i, seen in found.items():
             assert seen["MARKER"] in keys, f"the key of {i} was lost: {keys}"
-            ssh = (f"ssh -F /dev/null -T -i {seen['KEYDIR']}/id -o BatchMode=yes -o IdentitiesOnly=yes "
-                   f"-o UserKnownHostsFile={seen['KEYDIR']}/known_hosts -o GlobalKnownHostsFile=/dev/null "
-                   f"-o StrictHostKeyChecking=yes -o HostKeyAlias=savestate-move-source -l mover hv1")
+            ssh = _key_ssh(seen["KEYDIR"], "mover")
             # The image on stdout, its digest on stderr, from one read.
             sent = hv2.ssh(f"{ssh} stream 2>/tmp/{i}.err | sha256sum; cat /tmp/{i}.err").stdout.split()
             assert sent[0] == hv1.sh(f"sha256sum /var/lib/savestate/shared/{i}.save").split()[0] == sent[2], sent
