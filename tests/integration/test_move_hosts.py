@@ -487,10 +487,10 @@ def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None
     The user's login shell is dash: the forced command is POSIX sh."""
     hv1, hv2 = testbed["hv1"], testbed["hv2"]
     hv1.sh("id mover >/dev/null 2>&1 || useradd -m -s /bin/sh mover; rm -rf /home/mover/.ssh; "
-           "mkdir -p /var/lib/savestate/shared && for i in 1 2; do head -c 3000000 /dev/urandom "
-           "> /var/lib/savestate/shared/ssq-sk$i.save; done; chmod -R a+rX /var/lib/savestate/shared")
+           "mkdir -p /srv/ssq-shared && for i in 1 2; do head -c 3000000 /dev/urandom "
+           "> /srv/ssq-shared/ssq-sk$i.save; done; chmod -R a+rX /srv/ssq-shared")
     runs: dict[str, PlaybookRun] = {}
-    key_vars = {"key_user": "mover", "image_dir": "/var/lib/savestate/shared"}
+    key_vars = {"key_user": "mover", "image_dir": "/srv/ssq-shared"}
     threads = [threading.Thread(target=lambda i=i: runs.__setitem__(i, testbed.run_playbook(KEY_PLAY, {"image": i, **key_vars})))
                for i in ("ssq-sk1", "ssq-sk2")]
     for thread in threads:
@@ -505,12 +505,12 @@ def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None
             ssh = _key_ssh(seen["KEYDIR"], "mover")
             # The image on stdout, its digest on stderr, from one read.
             sent = hv2.ssh(f"{ssh} stream 2>/tmp/{i}.err | sha256sum; cat /tmp/{i}.err").stdout.split()
-            assert sent[0] == hv1.sh(f"sha256sum /var/lib/savestate/shared/{i}.save").split()[0] == sent[2], sent
+            assert sent[0] == hv1.sh(f"sha256sum /srv/ssq-shared/{i}.save").split()[0] == sent[2], sent
         assert sorted(seen["CREATED"] for seen in found.values()) in (["directory", "file"], ["directory", "none"])
     finally:
         # The run that created the directory cleans up last.
         for i, seen in sorted(found.items(), key=lambda item: item[1]["CREATED"] == "directory"):
             testbed.run_playbook(SHARED_CLEANUP_PLAY, {"keydir": seen["KEYDIR"], "marker": seen["MARKER"],
                                                        "created": seen["CREATED"]}).check()
-        hv1.sh("rm -rf /var/lib/savestate/shared")
+        hv1.sh("rm -rf /srv/ssq-shared")
     assert not hv1.path("/home/mover/.ssh").exists(), hv1.sh("ls -la /home/mover/.ssh")
