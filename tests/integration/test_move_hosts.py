@@ -66,12 +66,8 @@ def _prepare(fleet: Fleet, *hosts: str) -> None:
 
 
 def _move(fleet: Fleet, guest: str, source: str, destination: str, **extra: Any) -> PlaybookRun:
-    env = None
-    if os.environ.get("MVT"):
-        from harness.testbed import RESULT_CALLBACK_DIR
-        env = {"ANSIBLE_CALLBACK_PLUGINS": f"{RESULT_CALLBACK_DIR}:/tmp/mvcb", "ANSIBLE_CALLBACKS_ENABLED": "savestate_result_file,mv_timing"}
     return fleet.run_playbook(MOVE_PLAY, {"move_guest": guest, "move_from": source, "move_to": destination,
-                                          "savestate_qemu_image_key": IMAGE_KEY, **extra}, timeout=900, env=env)
+                                          "savestate_qemu_image_key": IMAGE_KEY, **extra}, timeout=900)
 
 
 def _no_key_left(fleet: Fleet, *hosts: str) -> None:
@@ -319,10 +315,6 @@ def _downtime(before: tb.TestbedGuest, after: tb.TestbedGuest, action: Callable[
     finally:
         stop.set()
         thread.join()
-    if os.environ.get("MVT"):
-        with open("/tmp/mvcb/timing.log", "a") as f:
-            offset = time.time() - time.monotonic()
-            f.write(f"{seen['source_last'] + offset:.3f} LAST TICK\n{seen.get('destination_first', 0) + offset:.3f} FIRST TICK\n")
     return wall, seen.get("destination_first", float("nan")) - seen["source_last"]
 
 
