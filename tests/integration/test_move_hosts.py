@@ -10,7 +10,9 @@ never outlives the move.
 
 Run serialized: ``flock /tmp/savestate-integration.lock ../.venv/bin/pytest
 integration/test_move_hosts.py -q -p no:xdist``. ``SAVESTATE_MOVE_FIGURES=1`` also runs the
-1 GiB measurement (move there and back, against a manual save + scp + restore).
+1 GiB measurement (``SAVESTATE_MOVE_FIGURES_MIB``: another size): rounds
+(``SAVESTATE_MOVE_FIGURES_ROUNDS``, default 1) of moves there and back with the role and by
+hand (save + scp + restore), interleaved so that both see the same load.
 """
 
 from __future__ import annotations
