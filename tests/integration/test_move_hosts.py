@@ -503,7 +503,7 @@ def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None
         assert sorted(seen["CREATED"] for seen in found.values()) in (["directory", "file"], ["directory", "none"])
     finally:
         # The run that created the directory cleans up last.
-        for i, seen in sorted(found.items(), key=lambda item: item[1]["CREATED"] == "directory"):
+        for seen in sorted(found.values(), key=lambda seen: seen["CREATED"] == "directory"):
             testbed.run_playbook(SHARED_CLEANUP_PLAY, {"keydir": seen["KEYDIR"], "marker": seen["MARKER"],
                                                        "created": seen["CREATED"]}).check()
         hv1.sh("rm -rf /srv/ssq-shared")
