@@ -353,7 +353,7 @@ def test_figures(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) 
     def by_hand(source: str, destination: str) -> None:
         figures.append({"move": f"manual {source}->{destination}", **_manual(testbed, on, source, destination)})
 
-    for _ in range(rounds):  # the role first: it installs the fleet's image key on both hosts
+    for _round in range(rounds):  # the role first: it installs the fleet's image key on both hosts
         by_role("hv1", "hv2")
         by_hand("hv2", "hv1")
         by_hand("hv1", "hv2")
