@@ -491,7 +491,7 @@ def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None
         thread.start()
     for thread in threads:
         thread.join()
-    found = {i: dict(re.findall(r"(KEYDIR|MARKER|CREATED)=(\S+)", run.check().stdout)) for i, run in runs.items()}
+    found = {i: dict(re.findall(r"(KEYDIR|MARKER|CREATED)=([^\s\"]+)", run.check().stdout)) for i, run in runs.items()}
     try:
         keys = hv1.sh("cat /home/mover/.ssh/authorized_keys")
         for i, seen in found.items():
