@@ -10,13 +10,14 @@ never outlives the move.
 
 Run serialized: ``flock /tmp/savestate-integration.lock ../.venv/bin/pytest
 integration/test_move_hosts.py -q -p no:xdist``. ``SAVESTATE_MOVE_FIGURES=1`` also runs the
-1 GiB measurement (move there and back, against a manual save + scp + restore).
+1 GiB measurement (``SAVESTATE_MOVE_FIGURES_MIB``: another size): rounds
+(``SAVESTATE_MOVE_FIGURES_ROUNDS``, default 1) of moves there and back with the role and by
+hand (save + scp + restore), interleaved so that both see the same load.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import os
 import re
@@ -226,9 +227,25 @@ def test_killed_copy_leaves_the_guest_on_the_source_and_a_rerun_works(
 # -- figures (SAVESTATE_MOVE_FIGURES=1) ---------------------------------------------------------
 
 
+def _descends_from_us(pid: str) -> bool:
+    """Whether the process is a child, grandchild ... of this test (the controller's ansible-playbook, ssh)."""
+    me, seen = os.getpid(), 0
+    while pid not in ("0", "1") and seen < 64:
+        try:
+            # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+            pid = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1]
+        except (OSError, IndexError):
+            return False
+        if int(pid) == me:
+            return True
+        seen += 1
+    return False
+
+
 @dataclass
 class Sampler:
-    """Peak RSS per host (the largest process, QEMU left out) and of the controller's ansible."""
+    """Peak RSS per host (the largest process, QEMU left out) and on the controller (the largest
+    process this test started: ansible-playbook, its workers, ssh)."""
 
     cgroups: dict[str, str]                       # host name -> cgroup name fragment
     peaks: dict[str, int] = field(default_factory=dict)
@@ -254,8 +271,7 @@ class Sampler:
         rss = int(found.group(1)) * 1024
         where = next((host for host, fragment in self.cgroups.items() if fragment in cgroup), None)
         if where is None:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if os.path.exists(f"/proc/{pid}/cmdline") else b""
-            if b"ansible" not in cmdline and comm not in ("ssh", "tee", "sha256sum", "cat"):
+            if not _descends_from_us(pid):  # other users' ansible on this shared machine
                 return
             where = "controller"
         self.peaks[where] = max(self.peaks.get(where, 0), rss)
@@ -304,56 +320,73 @@ def _downtime(before: tb.TestbedGuest, after: tb.TestbedGuest, action: Callable[
     return wall, seen.get("destination_first", float("nan")) - seen["source_last"]
 
 
+def _figure(wall: float, down: float, sampler: Sampler | None = None) -> dict[str, Any]:
+    figure: dict[str, Any] = {"wall_s": round(wall, 1), "downtime_s": round(down, 1),
+                              "load": [round(x, 2) for x in os.getloadavg()]}
+    if sampler is not None:
+        figure["peak_rss_mib"] = {k: round(v / 2**20) for k, v in sampler.peaks.items()}
+    print("MOVE FIGURE " + json.dumps(figure), flush=True)
+    return figure
+
+
 @pytest.mark.skipif(not os.environ.get("SAVESTATE_MOVE_FIGURES"),
                     reason="SAVESTATE_MOVE_FIGURES=1 measures moves of a 1 GiB guest (SAVESTATE_MOVE_FIGURES_MIB: another size)")
 def test_figures(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) -> None:
+    """Rounds (SAVESTATE_MOVE_FIGURES_ROUNDS, default 1) that interleave the hand-made sequence and
+    the role, so that both see the same load on this shared machine: the role hv1 -> hv2, by hand
+    hv2 -> hv1 and hv1 -> hv2, the role hv2 -> hv1; then once the role with the controller's pipe."""
     memory_mib = int(os.environ.get("SAVESTATE_MOVE_FIGURES_MIB", "1024"))
+    rounds = int(os.environ.get("SAVESTATE_MOVE_FIGURES_ROUNDS", "1"))
     # three quarters random data (at least 256 MiB left for the guest's kernel)
     guest = testbed_guest("hv1", "ssq-mvbig", fill_mib=min(memory_mib * 3 // 4, memory_mib - 256), memory_mib=memory_mib)
-    _prepare(testbed, "hv2")
-    figures: dict[str, Any] = {}
-    on2 = guest.on(testbed["hv2"])
-    for label, source, destination, transfer in (("ssh A->B", "hv1", "hv2", "ssh"),
-                                                 ("ssh B->A", "hv2", "hv1", "ssh"),
-                                                 ("controller A->B", "hv1", "hv2", "controller")):
-        src_guest, dst_guest = (guest, on2) if source == "hv1" else (on2, guest)
-        src_guest.wait_tick_above(src_guest.last_tick())
+    _prepare(testbed, "hv1", "hv2")
+    on = {"hv1": guest, "hv2": guest.on(testbed["hv2"])}
+    figures: list[dict[str, Any]] = []
+
+    def by_role(source: str, destination: str, transfer: str = "ssh") -> None:
+        on[source].wait_tick_above(on[source].last_tick())
         with Sampler.around(testbed, ["hv1", "hv2"]) as sampler:
-            wall, down = _downtime(src_guest, dst_guest, functools.partial(
-                lambda src, dst, how: _move(testbed, guest.name, src, dst, guest_move_transfer=how).check(),
-                source, destination, transfer))
-        figures[label] = {"wall_s": round(wall, 1), "downtime_s": round(down, 1),
-                          "peak_rss_mib": {k: round(v / 2**20) for k, v in sampler.peaks.items()}}
-        if label == "controller A->B":
-            # back for the manual run
-            _move(testbed, guest.name, "hv2", "hv1").check()
-    figures["manual save+scp+restore A->B"] = _manual(testbed, guest, on2)
+            wall, down = _downtime(on[source], on[destination],
+                                   lambda: _move(testbed, guest.name, source, destination, guest_move_transfer=transfer).check())
+        figures.append({"move": f"{transfer} {source}->{destination}", **_figure(wall, down, sampler)})
+
+    def by_hand(source: str, destination: str) -> None:
+        figures.append({"move": f"manual {source}->{destination}", **_manual(testbed, on, source, destination)})
+
+    for _round in range(rounds):  # the role first: it installs the fleet's image key on both hosts
+        by_role("hv1", "hv2")
+        by_hand("hv2", "hv1")
+        by_hand("hv1", "hv2")
+        by_role("hv2", "hv1")
+    by_role("hv1", "hv2", "controller")
     print("MOVE FIGURES " + json.dumps(figures))
 
 
-def _manual(fleet: Fleet, guest: tb.TestbedGuest, moved: tb.TestbedGuest) -> dict[str, Any]:
-    """What an operator does by hand: save on hv1, scp as root hv1 -> hv2, restore on hv2."""
-    hv1, hv2 = fleet["hv1"], fleet["hv2"]
-    key = hv1.path("/root/.ssh/id_manual")
+def _manual(fleet: Fleet, on: dict[str, tb.TestbedGuest], source: str, destination: str) -> dict[str, Any]:
+    """What an operator does by hand: save on the source, scp as root to the destination, restore there."""
+    src, dst = fleet[source], fleet[destination]
+    key = src.path("/root/.ssh/id_manual")
     key.parent.mkdir(mode=0o700, exist_ok=True)
     key.write_bytes(fleet.config.key.read_bytes())
     key.chmod(0o600)
     image = f"{MOVE_DIR}/manual.save"
-    hv1.sh(f"mkdir -p {MOVE_DIR}")
-    hv2.sh(f"mkdir -p {MOVE_DIR}")
+    src.sh(f"mkdir -p {MOVE_DIR}")
+    dst.sh(f"mkdir -p {MOVE_DIR}")
 
     def steps() -> None:
-        assert not fleet.run_module("hv1", "save", {"name": guest.name, "path": image}).get("failed")
-        hv1.sh(f"scp -q -i /root/.ssh/id_manual -o BatchMode=yes {image} root@hv2:{image} && rm -f {image}", timeout=900)
-        assert not fleet.run_module("hv2", "restore", {"path": image, "name": guest.name,
-                                                       "remove_image": True}).get("failed")
+        saved = fleet.run_module(source, "save", {"name": on[source].name, "path": image})
+        assert not saved.get("failed"), saved
+        src.sh(f"scp -q -i /root/.ssh/id_manual -o BatchMode=yes {image} root@{destination}:{image} && rm -f {image}",
+               timeout=900)
+        restored = fleet.run_module(destination, "restore", {"path": image, "name": on[source].name, "remove_image": True})
+        assert not restored.get("failed"), restored
 
-    guest.wait_tick_above(guest.last_tick())
+    on[source].wait_tick_above(on[source].last_tick())
     try:
-        wall, down = _downtime(guest, moved, steps)
+        wall, down = _downtime(on[source], on[destination], steps)
     finally:
         key.unlink()
-    return {"wall_s": round(wall, 1), "downtime_s": round(down, 1)}
+    return _figure(wall, down)
 
 
 KEY_PLAY = """
@@ -366,13 +399,14 @@ KEY_PLAY = """
         name: savestate.qemu.guest_move
         tasks_from: ssh_setup
       vars:
-        guest_move_name: ssq-key
+        guest_move_name: "{{ image | default('ssq-key') }}"
         guest_move_destination: hv2
-        guest_move__source_image: /var/lib/savestate/move/ssq-key.save
+        guest_move_ssh_user: "{{ key_user | default('root') }}"
+        guest_move__source_image: "{{ image_dir | default('/var/lib/savestate/move') }}/{{ image | default('ssq-key') }}.save"
         guest_move__source_address: "{{ ansible_host }}"
     - name: Tell the test where the key is
       ansible.builtin.debug:
-        msg: "KEYDIR={{ guest_move__ssh_tmp.path }}"
+        msg: "KEYDIR={{ guest_move__ssh_tmp.path }} MARKER={{ guest_move__key_marker }} CREATED={{ guest_move__key_created.stdout }}"
 """
 
 CLEANUP_PLAY = """
@@ -393,6 +427,13 @@ CLEANUP_PLAY = """
 """
 
 
+def _key_ssh(keydir: str, user: str = "root") -> str:
+    """The destination's ssh command with a move's key (as guest_move runs it, less its hardening)."""
+    return (f"ssh -F /dev/null -T -i {keydir}/id -o BatchMode=yes -o IdentitiesOnly=yes "
+            f"-o UserKnownHostsFile={keydir}/known_hosts -o GlobalKnownHostsFile=/dev/null "
+            f"-o StrictHostKeyChecking=yes -o HostKeyAlias=savestate-move-source -l {user} hv1")
+
+
 def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Fleet) -> None:
     hv1, hv2, hv3 = testbed["hv1"], testbed["hv2"], testbed["hv3"]
     hv1.sh(f"mkdir -p {MOVE_DIR} && echo the-image > {MOVE_DIR}/ssq-key.save && echo secret > /root/secret")
@@ -400,9 +441,7 @@ def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Flee
     keydir = re.search(r"KEYDIR=(/tmp/savestate-move\.\w+)", run.stdout).group(1)
     line = next(x for x in hv1.sh("cat /root/.ssh/authorized_keys").splitlines() if KEY_MARKER in x)
     assert line.startswith('restrict,from="10.213.7.12",expiry-time="') and 'command="' in line
-    ssh = (f"ssh -F /dev/null -T -i {keydir}/id -o BatchMode=yes -o IdentitiesOnly=yes "
-           f"-o UserKnownHostsFile={keydir}/known_hosts -o GlobalKnownHostsFile=/dev/null "
-           f"-o StrictHostKeyChecking=yes -o HostKeyAlias=savestate-move-source -l root hv1")
+    ssh = _key_ssh(keydir)
     try:
         # Whatever hv2 asks for, it gets the image and nothing else.
         assert hv2.ssh(f"{ssh} stream").stdout == "the-image\n"
@@ -428,3 +467,44 @@ def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Flee
         hv1.sh(f"rm -f {MOVE_DIR}/ssq-key.save /root/secret")
     _no_key_left(testbed, "hv1", "hv2")
     assert hv2.ssh(f"{ssh} stream").returncode == 255  # the key is gone
+
+
+SHARED_CLEANUP_PLAY = CLEANUP_PLAY.replace(
+    "guest_move__authorized_keys: /root/.ssh/authorized_keys",
+    "guest_move__authorized_keys: /home/mover/.ssh/authorized_keys\n"
+    "        guest_move__key_created: {stdout: \"{{ created }}\"}")
+
+
+def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None:
+    """Two moves from the same source at once each get their key (the file is edited under a
+    lock); what the setup created for them (~/.ssh, authorized_keys) is gone once both are done.
+    The user's login shell is dash: the forced command is POSIX sh."""
+    hv1, hv2 = testbed["hv1"], testbed["hv2"]
+    hv1.sh("id mover >/dev/null 2>&1 || useradd -m -s /bin/sh mover; rm -rf /home/mover/.ssh; "
+           "mkdir -p /srv/ssq-shared && for i in 1 2; do head -c 3000000 /dev/urandom "
+           "> /srv/ssq-shared/ssq-sk$i.save; done; chmod -R a+rX /srv/ssq-shared")
+    runs: dict[str, PlaybookRun] = {}
+    key_vars = {"key_user": "mover", "image_dir": "/srv/ssq-shared"}
+    threads = [threading.Thread(target=lambda i=i: runs.__setitem__(i, testbed.run_playbook(KEY_PLAY, {"image": i, **key_vars})))
+               for i in ("ssq-sk1", "ssq-sk2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    found = {i: dict(re.findall(r"(KEYDIR|MARKER|CREATED)=([^\s\"]+)", run.check().stdout)) for i, run in runs.items()}
+    try:
+        keys = hv1.sh("cat /home/mover/.ssh/authorized_keys")
+        for i, seen in found.items():
+            assert seen["MARKER"] in keys, f"the key of {i} was lost: {keys}"
+            ssh = _key_ssh(seen["KEYDIR"], "mover")
+            # The image on stdout, its digest on stderr, from one read.
+            sent = hv2.ssh(f"{ssh} stream 2>/tmp/{i}.err | sha256sum; cat /tmp/{i}.err").stdout.split()
+            assert sent[0] == hv1.sh(f"sha256sum /srv/ssq-shared/{i}.save").split()[0] == sent[2], sent
+        assert sorted(seen["CREATED"] for seen in found.values()) in (["directory", "file"], ["directory", "none"])
+    finally:
+        # The run that created the directory cleans up last.
+        for seen in sorted(found.values(), key=lambda seen: seen["CREATED"] == "directory"):
+            testbed.run_playbook(SHARED_CLEANUP_PLAY, {"keydir": seen["KEYDIR"], "marker": seen["MARKER"],
+                                                       "created": seen["CREATED"]}).check()
+        hv1.sh("rm -rf /srv/ssq-shared")
+    assert not hv1.path("/home/mover/.ssh").exists(), hv1.sh("ls -la /home/mover/.ssh")
