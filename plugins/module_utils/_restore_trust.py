@@ -32,7 +32,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
 from ansible_collections.savestate.qemu.plugins.module_utils._host import ActiveGuest, guest_name, guest_uuid
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveImage
 from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import OpenedImage
-from ansible_collections.savestate.qemu.plugins.module_utils._uuid import same_uuid
+from ansible_collections.savestate.qemu.plugins.module_utils._uuid_compare import same_uuid
 
 DISK_CHECK_CHOICES = ("strict", "warn", "ignore")
 QEMU_PROGRAM_PREFIXES = ("qemu-system-", "qemu-kvm")

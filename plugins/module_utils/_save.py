@@ -95,7 +95,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._stream import (
     plan_save,
     time_left,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._uuid import same_uuid, uuid_form
+from ansible_collections.savestate.qemu.plugins.module_utils._uuid_compare import same_uuid, uuid_form
 
 AFTER_SAVE_CHOICES = ("stop", "running", "paused")
 RESTORE_STATE_CHOICES = ("running", "paused")

@@ -1,4 +1,4 @@
-"""The module layer's pieces (_module.py, _outcome.py, _uuid.py, the error context), in process.
+"""The module layer's pieces (_module.py, _outcome.py, _uuid_compare.py, the error context), in process.
 
 The modules themselves, run as Ansible runs them, are in tests/unit/plugins/modules/test_module_layer.py.
 """
@@ -27,7 +27,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._module import (
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor
 from ansible_collections.savestate.qemu.plugins.module_utils._outcome import Outcome, guest_result, stats_result
-from ansible_collections.savestate.qemu.plugins.module_utils._uuid import same_uuid, uuid_form
+from ansible_collections.savestate.qemu.plugins.module_utils._uuid_compare import same_uuid, uuid_form
 from ansible_collections.savestate.qemu.tests.unit.fake_qmp import FakeQMPServer
 
 UUID = "4c7a1a3e-30b6-4e55-9a55-3d7d2a1b0c11"
