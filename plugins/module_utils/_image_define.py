@@ -24,6 +24,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     DomainXMLError,
     ImageError,
     PreconditionError,
+    SaveStateError,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._image import (
     HEADER_SIZE,
@@ -42,7 +43,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import 
     signing_xml,
     verify,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._image_info import parse_image_xml
+from ansible_collections.savestate.qemu.plugins.module_utils._image_info import describe_image, parse_image_xml
 from ansible_collections.savestate.qemu.plugins.module_utils._image_key import ImageKey, load_key
 
 RESTORE_STATES = ("running", "paused")
@@ -145,31 +146,46 @@ def _signed_plan(opened: OpenedImage, request: DefineRequest, key: Optional[Imag
     return planned, record
 
 
+def _add_image_context(error: SaveStateError, image: SaveImage) -> None:
+    """Give ``error`` the image it concerns as the failure's context, when its XML can be read."""
+    try:
+        error.add_context(image=describe_image(image))
+    except SaveStateError:
+        pass  # the XML itself is what failed: the message says so
+
+
 def define_image(path: str, request: DefineRequest, check_mode: bool = False,
                  key: Optional[ImageKey] = None) -> DefineOutcome:
     """Apply ``request`` to the image at ``path`` (or, in check mode, predict it).
 
     The image is opened once; an authenticated image is signed again after the
     edit, an unauthenticated one (only with ``allow_unauthenticated``) is not.
+    A refusal after the image was read carries it (``image``) for the module's failure.
     """
     key = key if key is not None else load_key(create=not check_mode)
+    with open_image(path, key, as_recovered=check_mode, writable=not check_mode, recover=not check_mode) as opened:
+        try:
+            return _define_opened(opened, path, request, check_mode, key)
+        except SaveStateError as error:
+            _add_image_context(error, opened.image)
+            raise
+
+
+def _define_opened(opened: OpenedImage, path: str, request: DefineRequest, check_mode: bool,
+                   key: Optional[ImageKey]) -> DefineOutcome:
+    _require_trust(opened, request)
+    before = opened.image
+    planned, record = _signed_plan(opened, request, key)
     if check_mode:
-        with open_image(path, key, as_recovered=True) as opened:
-            pending = has_pending_journal_fd(opened.fd)
-            _require_trust(opened, request)
-            after, record = _signed_plan(opened, request, key)
-            return DefineOutcome(pending or _differs(opened.image, after), pending, opened.image, after, record,
-                                 opened.authenticated, opened.auth_problem)
-    with open_image(path, key, writable=True, recover=True) as opened:
-        _require_trust(opened, request)
-        before = opened.image
-        planned, record = _signed_plan(opened, request, key)
-        if not _differs(before, planned):
-            return DefineOutcome(opened.recovered, opened.recovered, before, before, record,
-                                 opened.authenticated, opened.auth_problem)
-        # The planned XML already holds its MAC (deterministic): written as is, it verifies.
-        rewrite_data_area(opened.fd, before.header, planned.xml, before.cookie, request.was_running(), path=path)
-        after = read_image_fd(opened.fd, path)
-        problem = verify(key, after.xml, _pread_exact(opened.fd, HEADER_SIZE, 0),
-                         _pread_exact(opened.fd, after.header.data_len, HEADER_SIZE))
+        pending = has_pending_journal_fd(opened.fd)
+        return DefineOutcome(pending or _differs(before, planned), pending, before, planned, record,
+                             opened.authenticated, opened.auth_problem)
+    if not _differs(before, planned):
+        return DefineOutcome(opened.recovered, opened.recovered, before, before, record,
+                             opened.authenticated, opened.auth_problem)
+    # The planned XML already holds its MAC (deterministic): written as is, it verifies.
+    rewrite_data_area(opened.fd, before.header, planned.xml, before.cookie, request.was_running(), path=path)
+    after = read_image_fd(opened.fd, path)
+    problem = verify(key, after.xml, _pread_exact(opened.fd, HEADER_SIZE, 0),
+                     _pread_exact(opened.fd, after.header.data_len, HEADER_SIZE))
     return DefineOutcome(True, opened.recovered, before, after, parse_image_xml(after), problem is None, problem)

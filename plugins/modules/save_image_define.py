@@ -143,7 +143,9 @@ image:
   description:
     - The image after the change (in check mode, as it would be); the same dict as M(savestate.qemu.save_image_info)
       returns in RV(image).
-  returned: success
+    - When the edit is refused or fails once the image was read, the image as it is (nothing was changed), so that
+      the failure names the image it concerns.
+  returned: success; on failure once the image was read
   type: dict
   contains:
     path:

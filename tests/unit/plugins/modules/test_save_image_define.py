@@ -159,3 +159,18 @@ def test_rollback_then_edit_in_one_run(tmp_path):
     assert result["changed"] and result["recovered"] and result["image"]["was_running"] is False
     assert parse_domain_xml(read_image(str(path)).xml) == savestate_record()
     assert result["authenticated"] is True
+
+
+def test_a_refusal_names_the_image_it_read(tmp_path):
+    """A failure after the image was read returns it (``image``), as save and restore failures do."""
+    path = make_savestate_image(tmp_path / "web01.save")
+    xml = build_domain_xml(savestate_record())
+    result = run_module("save_image_define", {"path": str(path), "xml": xml.replace(">131072<", ">262144<")})
+    assert result["failed"] and "max memory" in result["msg"], result["_stdout"]
+    assert result["image"]["path"] == str(path) and result["image"]["name"] == "web01"
+    assert result["image"]["memory_kib"] == 131072  # the image as it is: nothing was changed
+    garbage = tmp_path / "garbage.save"
+    garbage.write_bytes(b"not an image" * 10)
+    garbage.chmod(0o600)
+    unreadable = run_module("save_image_define", {"path": str(garbage), "restore_state": "paused"})
+    assert unreadable["failed"] and "image" not in unreadable, unreadable["_stdout"]
