@@ -440,7 +440,7 @@ def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Flee
     run = testbed.run_playbook(KEY_PLAY).check()
     keydir = re.search(r"KEYDIR=(/tmp/savestate-move\.\w+)", run.stdout).group(1)
     line = next(x for x in hv1.sh("cat /root/.ssh/authorized_keys").splitlines() if KEY_MARKER in x)
-    assert line.startswith('restrict,from="10.213.7.12",expiry-time="') and 'command="' in line
+    assert line.startswith(f'restrict,from="{hv2.address}",expiry-time="') and 'command="' in line
     ssh = _key_ssh(keydir)
     try:
         # Whatever hv2 asks for, it gets the image and nothing else.
