@@ -98,7 +98,6 @@ def test_disk_full_mid_stream(qemu, guest_factory, workdir):
     with tmpfs(workdir / "full", 800) as directory:  # the earlier image + the guest's RAM
         path = directory / "enospc.save"
         earlier = _earlier_image(guest, path)
-        (directory / "filler").unlink(missing_ok=True)
         eater = SpaceEater(directory)
         eater.start()
         result = save(guest, path)
