@@ -211,6 +211,10 @@ def scan_host(proc_root: str = "/proc") -> HostScan:
     return HostScan(guests=guests, ignored=ignored)
 
 
+# What lists the host's active guests: /proc (``scan_guests``), or in unit tests the guests they serve.
+GuestScan = Callable[[], Sequence[ActiveGuest]]
+
+
 def scan_guests(proc_root: str = "/proc") -> list[ActiveGuest]:
     """Every live guest on the host, by pid."""
     return scan_host(proc_root).guests

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Optional
 
@@ -53,7 +52,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     PreconditionError,
     SaveStateError,
 )
-from ansible_collections.savestate.qemu.plugins.module_utils._host import ActiveGuest, check_identity, scan_guests
+from ansible_collections.savestate.qemu.plugins.module_utils._host import ActiveGuest, GuestScan, check_identity, scan_guests
 from ansible_collections.savestate.qemu.plugins.module_utils._guest_agent import sync_guest_clock
 from ansible_collections.savestate.qemu.plugins.module_utils._image import SaveImage
 from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import open_image
@@ -103,8 +102,6 @@ from ansible_collections.savestate.qemu.plugins.module_utils._systemd import (
 )
 
 STATE_CHOICES = ("as_saved", "running", "paused")
-# What lists the host's active guests: /proc (``_host.scan_guests``), or in unit tests the guests they serve.
-GuestScan = Callable[[], Sequence[ActiveGuest]]
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,6 @@ import shutil
 import stat
 import tempfile
 import time
-from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -53,6 +52,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._host import (
     ActiveGuest,
+    GuestScan,
     find_guests,
     guest_serving,
     scan_guests,
@@ -133,8 +133,6 @@ class SaveOutcome(Outcome):
 
 # --- finding the guest --------------------------------------------------------------
 
-# What lists the host's active guests: /proc (``_host.scan_guests``), or in unit tests the guests they serve.
-GuestScan = Callable[[], Sequence[ActiveGuest]]
 
 
 def locate_guest(request: SaveRequest, scan: GuestScan = scan_guests) -> Optional[ActiveGuest]:
