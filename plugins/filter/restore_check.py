@@ -65,7 +65,7 @@ _value:
     - C(ok), the guests the emulator can restore; C(stranded), the others, each with C(name), C(uuid), C(machine),
       C(format), C(emulator) (the path that was asked), C(reason) (V(machine), V(format), V(emulator) or V(image)),
       C(msg) and C(item) (the guest or entry); C(rows), a summary row per stranded guest as the roles show them
-      (C(result=stranded), the guest left as it was).
+      (C(result=stranded), the guest left running).
   type: dict
 """
 
@@ -106,7 +106,7 @@ def _row(stranded: Mapping[str, Any]) -> dict[str, Any]:
     state = stranded["item"].get("state")
     return {"guest": stranded["name"], "name": stranded["name"], "uuid": stranded["uuid"], "before": state,
             "image": None, "size": None, "seconds": None, "mib_s": None, "after": state, "result": "stranded",
-            "msg": stranded["msg"], "machine": stranded["machine"], "emulator": stranded["emulator"]}
+            "msg": f"{stranded['msg']}; not saved, so it keeps running", "machine": stranded["machine"], "emulator": stranded["emulator"]}
 
 
 class FilterModule:
