@@ -80,3 +80,13 @@ def test_an_emulator_that_was_not_asked_strands_the_guest() -> None:
 
 def test_the_filter_is_registered() -> None:
     assert FilterModule().filters() == {"restore_check": restore_check}
+
+
+def test_the_drain_summary_counts_and_explains_a_stranded_guest() -> None:
+    from ansible_collections.savestate.qemu.plugins.filter.fleet import fleet_failure, fleet_summary
+
+    rows = restore_check([guest("new", "pc-i440fx-10.0")], EMULATORS, OLD, "raw")["rows"]
+    lines = fleet_summary(rows, "hv1", "drain")
+    assert lines[0] == "hv1: drain of 1 guest(s): 1 left running (the restoring QEMU cannot load it)"
+    assert lines[-1].startswith("new: stranded: its machine type pc-i440fx-10.0 is not one QEMU 7.2.22")
+    assert fleet_failure(rows, "drain") == ""  # left running on purpose: not a failure of the drain
