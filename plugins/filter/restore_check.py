@@ -84,7 +84,7 @@ def restore_check(items: Iterable[Mapping[str, Any]], emulators: Optional[Mappin
     ok: list[Any] = []
     stranded: list[dict[str, Any]] = []
     for item in items:
-        recorded = images.get(item.get("path")) or {}
+        recorded = images.get(str(item.get("path"))) or {}
         current = _current(item)
         target = emulator or recorded.get("emulator") or current
         machine = resolve_machine(item.get("machine") or recorded.get("machine"), emulators.get(current or ""))

@@ -123,7 +123,8 @@ def resolve_machine(machine: Optional[str], current: Optional[Mapping[str, Any]]
     """The versioned type ``machine`` stands for: an alias resolved by the QEMU the guest runs on now."""
     if not machine or not current:
         return machine
-    return (current.get("aliases") or {}).get(machine, machine)
+    resolved = (current.get("aliases") or {}).get(machine)
+    return resolved if isinstance(resolved, str) else machine
 
 
 def _label(emulator: Mapping[str, Any]) -> str:
