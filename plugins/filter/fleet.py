@@ -33,7 +33,8 @@ COLUMNS = ("guest", "before", "image", "size", "seconds", "MiB/s", "after")
 
 # What each result means in a summary headline, for a real run and for check mode.
 DRAIN_WORDS = {"saved": "saved", "would_save": "would save", "kept": "already saved earlier",
-               "skipped": "skipped (libvirt's)", "failed": "failed"}
+               "skipped": "skipped (libvirt's)", "stranded": "left running (the restoring QEMU cannot load it)",
+               "failed": "failed"}
 RESTORE_WORDS = {"restored": "restored", "would_restore": "would restore", "already_active": "already active",
                  "failed": "failed"}
 
@@ -352,7 +353,7 @@ def fleet_summary(rows: list[Mapping[str, Any]], host: str, role: str, check_mod
     if seconds not in (None, ""):
         headline += f" in {float(seconds):.1f} s"
     problems = [f"{row['guest']}: {row['result']}: {row['msg']}" for row in rows
-                if row["result"] in ("failed", "skipped") and row.get("msg")]
+                if row["result"] in ("failed", "skipped", "stranded") and row.get("msg")]
     return [headline] + (_table(rows) if rows else []) + problems
 
 
