@@ -6,6 +6,7 @@ Through ansible-playbook, as an operator runs it:
   save image where the guest's image would be: the files and the manifest stay as they are;
 - it removes a drained guest's image and manifest entry and records the discard;
   a second run changes nothing;
+- host_restore_discard in check mode reports what it would discard and removes nothing;
 - host_restore then brings the other guests back, never starts the discarded one,
   reports it as "discarded" (also when asked for by name: not "unknown"), and its
   rows and headline say whether each restored guest's clock was synced.
@@ -112,6 +113,15 @@ def test_a_discarded_guest_is_not_restored_and_is_reported(qemu, guest_factory: 
         [("ssq-discard-drop", dropped.spec.uuid, "rebuilt fresh")]
     _, result = run_discard(workdir, manifest, "ssq-discard-drop")
     assert not result.get("failed") and result["changed"] is False, result
+    assert json.loads(manifest.read_text()) == written
+
+    # host_restore_discard in check mode: reported as discarded, nothing removed.
+    plain_image = (images / "ssq-discard-plain.save").read_bytes()
+    dry = run_role(workdir, "host_restore", {"host_restore_dir": str(images),
+                                             "host_restore_discard": ["ssq-discard-plain"]}, check=True)
+    output = dry.stdout + dry.stderr
+    assert dry.returncode == 0 and "1 would restore, 2 discarded" in output, output
+    assert (images / "ssq-discard-plain.save").read_bytes() == plain_image
     assert json.loads(manifest.read_text()) == written
 
     restore = run_role(workdir, "host_restore", {"host_restore_dir": str(images)})
