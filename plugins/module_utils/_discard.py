@@ -181,7 +181,7 @@ def judge_image(path: str, name: str, uuid: Optional[str]) -> Optional[_Image]:
                                "regular file with one name, of root) is removed; nothing was changed")
         if _header_magic(fd) not in (MAGIC_COMPLETE, MAGIC_PARTIAL):
             raise DiscardError(f"refusing to discard {path}: it has no save image header (magic "
-                               f"{MAGIC_COMPLETE.decode()}); it is not a save image. Nothing was changed")
+                               f"{MAGIC_COMPLETE.decode()}); it is not a save image; nothing was changed")
         try:
             check_no_pending_journal(path, fd)
         except ImageError as error:
