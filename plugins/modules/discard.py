@@ -26,7 +26,7 @@ description:
   - The manifest is written first, atomically, with every other entry and record as it was; then the image is
     removed, and emptied through the descriptor it was checked by, so that a restore which opened it just before
     cannot load it either.
-  - A guest with neither an image nor a manifest entry has nothing to discard (RV(changed=false)).
+  - A guest with neither an image nor a manifest entry has nothing to discard (C(changed=false)).
 author:
   - savestate.qemu contributors (@savestate)
 extends_documentation_fragment:
@@ -43,7 +43,7 @@ attributes:
   idempotent:
     support: full
     details:
-      - Once the image and the entry are gone, a run reports RV(changed=false) and keeps the first run's record.
+      - Once the image and the entry are gone, a run reports C(changed=false) and keeps the first run's record.
 options:
   name:
     description:

@@ -111,8 +111,8 @@ def test_a_discarded_guest_is_not_restored_and_is_reported(qemu, guest_factory: 
     assert [g["name"] for g in written["guests"]] == ["ssq-discard-agent", "ssq-discard-plain"]
     assert [(r["name"], r["uuid"], r["reason"]) for r in written["discarded"]] == \
         [("ssq-discard-drop", dropped.spec.uuid, "rebuilt fresh")]
-    _, result = run_discard(workdir, manifest, "ssq-discard-drop")
-    assert not result.get("failed") and result["changed"] is False, result
+    rerun, result = run_discard(workdir, manifest, "ssq-discard-drop")
+    assert not result.get("failed") and result["changed"] is False, rerun.stdout
     assert json.loads(manifest.read_text()) == written
 
     # host_restore_discard in check mode: reported as discarded, nothing removed.
