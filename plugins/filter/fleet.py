@@ -24,6 +24,7 @@ they are plain Python with unit tests (tests/unit/plugins/filter/test_fleet.py):
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from datetime import datetime, timezone
 from typing import Any, Optional
 
 from ansible_collections.savestate.qemu.plugins.module_utils._manifest import SAFE_NAME
@@ -36,7 +37,9 @@ DRAIN_WORDS = {"saved": "saved", "would_save": "would save", "kept": "already sa
                "skipped": "skipped (libvirt's)", "stranded": "left running (the restoring QEMU cannot load it)",
                "failed": "failed"}
 RESTORE_WORDS = {"restored": "restored", "would_restore": "would restore", "already_active": "already active",
-                 "failed": "failed"}
+                 "discarded": "discarded", "failed": "failed"}
+# What a restored guest's ``clock_synced`` says, in a restore's headline.
+CLOCK_WORDS = {True: "synced", False: "not synced", "no agent": "no agent"}
 
 
 def _names(guests: Iterable[Mapping[str, Any]]) -> list[str]:
@@ -120,10 +123,15 @@ def restore_plan(manifest: Mapping[str, Any], guests: Iterable[Mapping[str, Any]
     all); ``order`` the names to restore first, in that order (the others follow
     by name). Returns ``pending`` (to restore, in order), ``active`` (already running
     with the image's name and UUID: left alone), ``rejected`` (name -> why the image
-    is not restored) and ``unknown`` (names asked for that the manifest does not list).
+    is not restored), ``unknown`` (names asked for that the manifest does not list) and
+    ``discarded`` (the manifest's discard records of the guests in scope: never restored).
     """
     wanted, order = list(wanted), list(order)
-    entries = list((manifest.get("manifest") or {}).get("guests", []))
+    records = [record for record in (manifest.get("manifest") or {}).get("discarded", [])
+               if not wanted or record.get("name") in wanted]
+    # An entry of a discarded guest is not restored, unless it was saved again after the discard.
+    entries = [entry for entry in (manifest.get("manifest") or {}).get("guests", [])
+               if not any(_discards(record, entry) for record in records)]
     problems = {image.get("name"): image.get("problem") for image in manifest.get("images", []) if image.get("problem")}
     selected = {entry["name"]: entry for entry in entries if not wanted or entry["name"] in wanted}
     first = [selected[name] for name in dict.fromkeys(order) if name in selected]
@@ -134,8 +142,29 @@ def restore_plan(manifest: Mapping[str, Any], guests: Iterable[Mapping[str, Any]
     pending = [entry for entry in ordered if _key(entry["name"], entry.get("uuid")) not in running]
     rejected = {entry["name"]: problems[entry["name"]] for entry in pending if entry["name"] in problems}
     return {"pending": [entry for entry in pending if entry["name"] not in rejected], "active": active,
-            "rejected": rejected, "unknown": [name for name in wanted if name not in _names(entries)],
-            "entries": ordered}
+            "rejected": rejected, "unknown": [name for name in wanted if name not in _names(entries) + _names(records)],
+            "entries": ordered, "discarded": records}
+
+
+def _moment(text: Any) -> Optional[datetime]:
+    """An ISO 8601 time of the manifest (``Z`` or an offset), or None."""
+    if not isinstance(text, str):
+        return None
+    try:
+        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+def _discards(record: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:
+    """Whether the discard ``record`` covers ``entry``: same guest, not saved again since (unknown times: covered)."""
+    if record.get("name") != entry.get("name"):
+        return False
+    if record.get("uuid") and entry.get("uuid") and str(record["uuid"]).lower() != str(entry["uuid"]).lower():
+        return False
+    saved, discarded = _moment(entry.get("saved_at")), _moment(record.get("discarded_at"))
+    return saved is None or discarded is None or saved <= discarded
 
 
 def rounds(items: Iterable[Any], size: Any, first: Iterable[str] = ()) -> list[list[Any]]:
@@ -270,14 +299,16 @@ def restore_rows(restores: Iterable[Mapping[str, Any]], rejected: Mapping[str, s
                  active: Iterable[Mapping[str, Any]], unknown: Iterable[str],
                  guests_before: Iterable[Mapping[str, Any]], check_mode: bool = False, remove_images: bool = False,
                  timeout: Any = None, entries: Iterable[Mapping[str, Any]] = (),
-                 target_state: str = "as_saved") -> list[dict[str, Any]]:
+                 target_state: str = "as_saved", discarded: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """One row per guest the restore looked at.
 
     ``restores`` are the async_status results of the restore jobs (their item is the
     manifest entry); ``rejected`` maps names to why their image was not restored;
     ``active`` the manifest entries whose guest was already active; ``unknown`` names
     asked for that the manifest does not list; ``entries`` the manifest's entries (for
-    the image of a rejected guest); ``target_state`` the role's ``host_restore_state``.
+    the image of a rejected guest); ``target_state`` the role's ``host_restore_state``;
+    ``discarded`` the manifest's discard records (restore_plan's ``discarded``). A restored
+    guest's row has ``clock_synced`` (the restore's ``guest.clock_synced``).
     """
     states = {guest.get("name"): guest.get("state") for guest in guests_before}
     images = {entry.get("name"): entry for entry in entries}
@@ -299,7 +330,8 @@ def restore_rows(restores: Iterable[Mapping[str, Any]], rejected: Mapping[str, s
             image = entry.get("path")
             row = _row(entry.get("name"), saved, f"{image} (removed)" if remove_images else image,
                        result["guest"].get("state"), "restored", str(result.get("msg") or ""),
-                       image_removed=bool(remove_images), uuid=entry.get("uuid"))
+                       image_removed=bool(remove_images), uuid=entry.get("uuid"),
+                       clock_synced=result["guest"].get("clock_synced"))
             row.update(_stats(result))
             rows.append(row)
     for name, why in rejected.items():
@@ -311,7 +343,28 @@ def restore_rows(restores: Iterable[Mapping[str, Any]], rejected: Mapping[str, s
                          states.get(entry.get("name"), "active"), "already_active", "", uuid=entry.get("uuid")))
     for name in unknown:
         rows.append(_row(name, "-", None, "-", "failed", "the manifest lists no guest of this name"))
+    for record in discarded:
+        rows.append(_discarded_row(record, states))
     return rows
+
+
+def _discarded_row(record: Mapping[str, Any], states: Mapping[Any, Any]) -> dict[str, Any]:
+    """A guest discarded on purpose (savestate.qemu.discard): not restored, and not a failure."""
+    name = record.get("name")
+    why = f": {record['reason']}" if record.get("reason") else ""
+    return _row(name, "discarded", None, states.get(name) or "not running", "discarded",
+                f"discarded on {record.get('discarded_at') or '(unknown time)'} by "
+                f"{record.get('discarded_by') or '(unknown)'}{why}; not restored", uuid=record.get("uuid"))
+
+
+def _clocks(rows: Iterable[Mapping[str, Any]]) -> str:
+    """How many restored guests' clocks were synced, e.g. "guest clocks: 2 synced, 1 no agent"; "" if none."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        if row.get("result") == "restored" and row.get("clock_synced") is not None:
+            word = CLOCK_WORDS.get(row["clock_synced"], str(row["clock_synced"]))
+            counts[word] = counts.get(word, 0) + 1
+    return "guest clocks: " + ", ".join(f"{count} {word}" for word, count in counts.items()) if counts else ""
 
 
 def _size(value: Any) -> str:
@@ -352,8 +405,11 @@ def fleet_summary(rows: list[Mapping[str, Any]], host: str, role: str, check_mod
         headline += f"; {moved / MIB:.1f} MiB"
     if seconds not in (None, ""):
         headline += f" in {float(seconds):.1f} s"
+    clocks = _clocks(rows) if role == "restore" else ""
+    if clocks:
+        headline += f"; {clocks}"
     problems = [f"{row['guest']}: {row['result']}: {row['msg']}" for row in rows
-                if row["result"] in ("failed", "skipped", "stranded") and row.get("msg")]
+                if row["result"] in ("failed", "skipped", "stranded", "discarded") and row.get("msg")]
     return [headline] + (_table(rows) if rows else []) + problems
 
 

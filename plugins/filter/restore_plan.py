@@ -51,7 +51,8 @@ _value:
   description:
     - C(pending), the entries to restore in order; C(active), those already running with the image's name and UUID;
       C(rejected), name to why its image is not restored; C(unknown), names asked for that the manifest does not list;
-      C(entries), every selected entry in order.
+      C(entries), every selected entry in order; C(discarded), the manifest's discard records of the guests in scope
+      (their entries, unless saved again after the discard, are never restored).
   type: dict
 """
 

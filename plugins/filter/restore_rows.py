@@ -49,6 +49,11 @@ options:
   target_state:
     description: The role's C(host_restore_state).
     type: str
+  discarded:
+    description: The manifest's discard records (C(discarded) of P(savestate.qemu.restore_plan#filter)), one row each
+      with result C(discarded).
+    type: list
+    elements: raw
 """
 
 EXAMPLES = r"""
@@ -58,7 +63,10 @@ EXAMPLES = r"""
 
 RETURN = r"""
 _value:
-  description: One row (a dict) per guest the restore looked at, with the keys of P(savestate.qemu.drain_rows#filter)'s rows.
+  description:
+    - One row (a dict) per guest the restore looked at, with the keys of P(savestate.qemu.drain_rows#filter)'s rows.
+    - A restored guest's row also has C(clock_synced), the restore's C(guest.clock_synced) (V(true), V(false) or
+      V(no agent)).
   type: list
   elements: raw
 """

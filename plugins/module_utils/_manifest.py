@@ -74,10 +74,15 @@ class Manifest:
     version: int
     guests: tuple[dict[str, Any], ...]
     notes: tuple[str, ...] = field(default=())
+    # Guests an operator discarded on purpose (savestate.qemu.discard): never restored, reported as such.
+    discarded: tuple[dict[str, Any], ...] = field(default=())
 
     def as_dict(self) -> dict[str, Any]:
-        """The manifest in the current version, as written."""
-        return {"version": FORMAT_VERSION, "guests": [dict(entry) for entry in self.guests]}
+        """The manifest in the current version, as written (``discarded`` only when there is one)."""
+        result: dict[str, Any] = {"version": FORMAT_VERSION, "guests": [dict(entry) for entry in self.guests]}
+        if self.discarded:
+            result["discarded"] = [dict(record) for record in self.discarded]
+        return result
 
 
 # --- validation ----------------------------------------------------------------------
@@ -152,6 +157,46 @@ FIELDS_V1: dict[str, tuple[Callable[[Any], Optional[str]], bool]] = {
 }
 
 
+# A discard record's fields (optional in version 1: a manifest without ``discarded`` has none).
+DISCARD_FIELDS: dict[str, tuple[Callable[[Any], Optional[str]], bool]] = {
+    "name": (_check_name, True),
+    "uuid": (_check_uuid, False),
+    "path": (_check_text, False),
+    "saved_at": (_check_text, False),
+    "discarded_at": (_check_text, False),
+    "discarded_by": (_check_text, False),
+    "reason": (_check_text, False),
+}
+
+
+def validate_discard(record: Any, index: int) -> dict[str, Any]:
+    """A ``discarded`` record, checked; raises ManifestError naming the record and the field."""
+    where = f"discarded[{index}]"
+    if not isinstance(record, Mapping):
+        raise ManifestError(f"{where} must be an object, not {type(record).__name__}")
+    for name, (check, required) in DISCARD_FIELDS.items():
+        if name not in record:
+            if required:
+                raise ManifestError(f"{where} has no '{name}'")
+            continue
+        problem = check(record[name])
+        if problem:
+            raise ManifestError(f"{where}: '{name}' {problem}")
+    return dict(record)
+
+
+def _discards(data: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    records = data.get("discarded", [])
+    if not isinstance(records, list):
+        raise ManifestError("its 'discarded' must be a list")
+    checked = [validate_discard(record, index) for index, record in enumerate(records)]
+    names = [record["name"] for record in checked]
+    duplicate = next((name for index, name in enumerate(names) if name in names[:index]), None)
+    if duplicate is not None:
+        raise ManifestError(f"'discarded' lists {duplicate!r} twice")
+    return tuple(sorted(checked, key=lambda record: record["name"]))
+
+
 def image_path_problem(path: str, directory: str) -> Optional[str]:
     """Why ``path`` is not a file directly inside ``directory``.
 
@@ -220,7 +265,7 @@ def parse_manifest(data: Any, directory: str) -> Manifest:
         seen[entry["name"]] = index
         if any(other["path"] == entry["path"] for other in entries[:index]):
             raise ManifestError(f"{_where(index, entry)}: another guest has the same image {entry['path']}")
-    return Manifest(version, tuple(sorted(entries, key=lambda entry: entry["name"])), notes)
+    return Manifest(version, tuple(sorted(entries, key=lambda entry: entry["name"])), notes, _discards(data))
 
 
 def parse_text(text: str, directory: str) -> Manifest:
@@ -231,9 +276,15 @@ def parse_text(text: str, directory: str) -> Manifest:
     return parse_manifest(data, directory)
 
 
-def dump_manifest(entries: Iterable[Mapping[str, Any]], directory: str) -> str:
-    """The manifest file's text for ``entries``, validated first (the writer checks what readers check)."""
-    manifest = parse_manifest({"version": FORMAT_VERSION, "guests": [dict(entry) for entry in entries]}, directory)
+def dump_manifest(entries: Iterable[Mapping[str, Any]], directory: str,
+                  discarded: Iterable[Mapping[str, Any]] = ()) -> str:
+    """The manifest file's text for ``entries`` (and discard records), validated first (the writer checks
+    what readers check)."""
+    data: dict[str, Any] = {"version": FORMAT_VERSION, "guests": [dict(entry) for entry in entries]}
+    discarded = [dict(record) for record in discarded]
+    if discarded:
+        data["discarded"] = discarded
+    manifest = parse_manifest(data, directory)
     return json.dumps(manifest.as_dict(), indent=2, sort_keys=True) + "\n"
 
 
@@ -359,3 +410,42 @@ def image_problem(entry: Mapping[str, Any], verify: bool, digest: Digest) -> tup
     elif "mtime" in expected and abs(info.st_mtime - expected["mtime"]) > MTIME_TOLERANCE:
         return True, "the image was modified after the drain"
     return True, None
+
+
+# --- discards ---------------------------------------------------------------------------
+
+def discard_record(name: str, entry: Optional[Mapping[str, Any]], discarded_at: str, discarded_by: Optional[str],
+                   reason: Optional[str], uuid: Optional[str] = None) -> dict[str, Any]:
+    """What the manifest keeps of a guest discarded on purpose (its entry, if it had one, and who and when)."""
+    entry = entry or {}
+    return {"name": name, "uuid": entry.get("uuid", uuid), "path": entry.get("path"), "saved_at": entry.get("saved_at"),
+            "discarded_at": discarded_at, "discarded_by": discarded_by, "reason": reason}
+
+
+def dump_discard(manifest: Optional[Manifest], record: Mapping[str, Any], directory: str) -> str:
+    """The manifest's text once the guest of ``record`` is discarded: its entry gone, the record added
+    (replacing an earlier record of that name); every other entry and record as it was."""
+    name = record["name"]
+    guests = [entry for entry in manifest.guests if entry["name"] != name] if manifest else []
+    earlier = [other for other in manifest.discarded if other["name"] != name] if manifest else []
+    return dump_manifest(guests, directory, earlier + [dict(record)])
+
+
+def discard_for(manifest: Optional[Manifest], name: str) -> Optional[dict[str, Any]]:
+    """The manifest's discard record of ``name``, or None."""
+    return next((dict(record) for record in (manifest.discarded if manifest else ()) if record["name"] == name), None)
+
+
+def kept_discards(path: str, entries: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """The discard records of the manifest at ``path`` that a rewrite with ``entries`` keeps.
+
+    A drain rewrites the manifest: it keeps the records of guests it does not list again
+    (so a later restore still reports them as discarded), and drops those of guests it
+    saved anew. An unreadable manifest has no records to keep (the reader refuses it).
+    """
+    names = {entry.get("name") for entry in entries}
+    try:
+        manifest = read_manifest(path)
+    except ManifestError:
+        return []
+    return [dict(record) for record in (manifest.discarded if manifest else ()) if record["name"] not in names]

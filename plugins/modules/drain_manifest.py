@@ -197,6 +197,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._manifest import (
     dump_manifest,
     entry_from_image,
     image_problem,
+    kept_discards,
     read_manifest,
     write_manifest,
 )
@@ -239,7 +240,8 @@ def _write(module: SaveStateModule) -> dict[str, Any]:
     replaced = {entry["name"] for entry in saved}
     kept = [entry for entry in params["guests"] if entry.get("name") not in replaced]
     try:
-        text = dump_manifest(kept + saved, directory)
+        # Guests discarded on purpose stay recorded as such, unless saved again.
+        text = dump_manifest(kept + saved, directory, kept_discards(path, kept + saved))
     except ManifestError as error:
         raise ManifestError(f"refusing to write the drain manifest {path}: {error}") from None
     before = current_text(path)

@@ -151,3 +151,28 @@ def test_the_plugin_exposes_every_filter() -> None:
     names = {"rounds", "drain_rows", "restore_rows", "succeeded", "failures", "fleet_summary", "fleet_failure",
              "drain_plan", "drain_space", "restore_plan"}
     assert set(FilterModule().filters()) == names
+
+
+def test_restore_rows_report_discarded_guests_and_the_clocks() -> None:
+    def back(name: str, clock: Any) -> dict[str, Any]:
+        return save_job(entry(name), changed=True, guest={"name": name, "state": "running", "clock_synced": clock},
+                        stats={"bytes": 64 * MIB, "duration_s": 0.25, "throughput_mib_s": 256.0})
+    record = {"name": "old", "uuid": "uuid-old", "discarded_at": "2026-11-24T15:00:00+00:00", "discarded_by": "alice",
+              "reason": "rebuilt"}
+    rows = restore_rows([back("a", True), back("b", "no agent"), back("c", True), back("d", False)], {}, [], [],
+                        [{"name": "old", "state": "running"}], discarded=[record])
+    assert [(r["guest"], r["result"], r.get("clock_synced")) for r in rows] == [
+        ("a", "restored", True), ("b", "restored", "no agent"), ("c", "restored", True), ("d", "restored", False),
+        ("old", "discarded", None)]
+    assert (rows[-1]["before"], rows[-1]["image"], rows[-1]["after"]) == ("discarded", None, "running")
+    assert rows[-1]["msg"] == "discarded on 2026-11-24T15:00:00+00:00 by alice: rebuilt; not restored"
+    lines = fleet_summary(rows, "hv1", "restore")
+    assert lines[0] == ("hv1: restore of 5 guest(s): 4 restored, 1 discarded; 256.0 MiB; "
+                        "guest clocks: 2 synced, 1 no agent, 1 not synced")
+    assert lines[-1] == f"old: discarded: {rows[-1]['msg']}"
+    assert fleet_failure(rows, "restore") == ""
+
+
+def test_a_restore_headline_without_clock_reports_says_nothing_of_clocks() -> None:
+    would = save_job(entry("a"), changed=True, guest={"name": "a", "state": None}, msg="would restore")
+    assert "clock" not in fleet_summary(restore_rows([would], {}, [], [], [], check_mode=True), "hv1", "restore")[0]

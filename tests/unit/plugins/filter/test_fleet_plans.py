@@ -131,3 +131,32 @@ def test_the_filters_are_registered() -> None:
     registered = FilterModule().filters()
     assert registered["drain_plan"] is drain_plan and registered["restore_plan"] is restore_plan
     assert registered["drain_space"] is drain_space
+
+
+# --- discarded guests (savestate.qemu.discard) ------------------------------------------
+
+def discarded(name: str, at: str = "2026-11-24T15:00:00+00:00", uuid: Optional[str] = None) -> dict[str, Any]:
+    return {"name": name, "uuid": uuid or f"UUID-{name}", "discarded_at": at, "discarded_by": "alice"}
+
+
+def with_discards(manifest: dict[str, Any], *records: dict[str, Any]) -> dict[str, Any]:
+    manifest["manifest"]["discarded"] = list(records)
+    return manifest
+
+
+def test_a_discarded_guest_is_never_restored_and_never_unknown() -> None:
+    # An entry left beside its record (an edited manifest) is held back all the same.
+    stale = dict(entry("a"), saved_at="2026-11-24T13:40:16Z")
+    plan = restore_plan(with_discards(read(stale, entry("b")), discarded("a"), discarded("gone")), [], ["a", "gone", "zz"])
+    assert names(plan["pending"]) == [] and plan["unknown"] == ["zz"]
+    assert names(plan["discarded"]) == ["a", "gone"] and names(plan["entries"]) == []
+    everything = restore_plan(with_discards(read(stale, entry("b")), discarded("a")), [])
+    assert names(everything["pending"]) == ["b"] and names(everything["discarded"]) == ["a"]
+
+
+def test_a_guest_saved_again_after_its_discard_is_restored() -> None:
+    again = dict(entry("a"), saved_at="2026-11-25T08:00:00+00:00")
+    other = dict(entry("b", "UUID-new"), saved_at="2026-11-20T08:00:00Z")
+    undated = dict(entry("c"), saved_at=None)
+    manifest = with_discards(read(again, other, undated), discarded("a"), discarded("b", uuid="UUID-old"), discarded("c"))
+    assert names(restore_plan(manifest, [])["pending"]) == ["a", "b"]  # c: no time to tell, so never restored
