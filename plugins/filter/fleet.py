@@ -152,15 +152,17 @@ def saved_time(entry: Mapping[str, Any]) -> Optional[float]:
     return float(mtime) if isinstance(mtime, (int, float)) and not isinstance(mtime, bool) else None
 
 
+def _whole(name: Any, value: Any) -> int:
+    """A priority given for ``name``: a whole number (or its digits as a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("+-").isdigit():
+        raise ValueError(f"the priority of {name} must be a whole number, not {value!r}")
+    return int(value)
+
+
 def _priority(entry: Mapping[str, Any], overrides: Mapping[str, Any]) -> int:
     """The entry's priority: the restore-time override, else the one the drain recorded, else 0."""
     value = overrides.get(entry["name"], entry.get("priority"))
-    if value is None:
-        return 0
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"the priority of {entry['name']} must be a whole number, not {value!r}") from None
+    return 0 if value is None else _whole(entry["name"], value)
 
 
 def _staleness(entries: Iterable[Mapping[str, Any]], max_age: Any, now: Any) -> list[dict[str, Any]]:
@@ -424,10 +426,7 @@ def with_priorities(items: Iterable[Mapping[str, Any]], priorities: Optional[Map
     for item in items:
         item = dict(item)
         if item.get("name") in priorities:
-            value = priorities[item["name"]]
-            if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
-                raise ValueError(f"the priority of {item['name']} must be a whole number, not {value!r}")
-            item["priority"] = int(value)
+            item["priority"] = _whole(item["name"], priorities[item["name"]])
         result.append(item)
     return result
 
