@@ -48,7 +48,7 @@ def test_a_manifest_without_priorities_still_reads_and_writes_none() -> None:
 
 def test_the_drain_records_the_priority_given_with_the_image(tmp_path: Path) -> None:
     (tmp_path / "web1.save").write_bytes(b"QEVM")
-    image = {"path": str(tmp_path / "web1.save"), "name": "web1", "was_running": True,
+    image = {"path": str(tmp_path / "web1.save"), "name": "web1", "was_running": True, "format": "raw",
              "metadata": {"saved_at": "2026-11-24T13:40:16+00:00"}}
     made = entry_from_image({**image, "priority": 5}, None, digest)
     assert made["priority"] == 5 and made["saved_at"] == "2026-11-24T13:40:16+00:00"
