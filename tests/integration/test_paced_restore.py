@@ -92,14 +92,13 @@ def test_three_guests_come_back_in_priority_order_paced_and_two_at_a_time(
     guests = (low, middle, first)
     names = [guest.spec.name for guest in guests]
     images = workdir / "images"
-    drain, _ = run(workdir, "host_drain", {"host_drain_dir": str(images), "host_drain_guests": names,
-                                           "host_drain_priorities": {"ssq-pace-a": 3, "ssq-pace-b": 1,
-                                                                     "ssq-pace-c": 10}})
+    priorities = {"ssq-pace-a": 3, "ssq-pace-b": 1, "ssq-pace-c": 10}
+    drain, _report = run(workdir, "host_drain", {"host_drain_dir": str(images), "host_drain_guests": names,
+                                                 "host_drain_priorities": priorities})
     assert drain.returncode == 0, drain.stdout + drain.stderr
     ticks = {guest.spec.name: guest.last_tick() for guest in guests}
     written = {entry["name"]: entry for entry in json.loads((images / "savestate-manifest.json").read_text())["guests"]}
-    assert {name: entry.get("priority") for name, entry in written.items()} == {
-        "ssq-pace-a": 3, "ssq-pace-b": 1, "ssq-pace-c": 10}
+    assert {name: entry.get("priority") for name, entry in written.items()} == priorities
     assert all(entry["saved_at"] for entry in written.values())
 
     # At restore time b goes before a: c (10), b (5, overridden), a (3).
@@ -127,8 +126,8 @@ def test_an_image_older_than_max_age_is_held_back_and_the_others_come_back(
     old = guest_factory(GuestSpec(name="ssq-stale-old", qemu=qemu))
     fresh = guest_factory(GuestSpec(name="ssq-stale-new", qemu=qemu))
     images = workdir / "images"
-    drain, _ = run(workdir, "host_drain", {"host_drain_dir": str(images),
-                                           "host_drain_guests": ["ssq-stale-old", "ssq-stale-new"]})
+    drain, _report = run(workdir, "host_drain", {"host_drain_dir": str(images),
+                                                 "host_drain_guests": ["ssq-stale-old", "ssq-stale-new"]})
     assert drain.returncode == 0, drain.stdout + drain.stderr
     ticks = {guest.spec.name: guest.last_tick() for guest in (old, fresh)}
     path = images / "savestate-manifest.json"

@@ -107,8 +107,8 @@ def test_images_older_than_max_age_are_held_back_with_their_age() -> None:
     manifest = read(entry("old"), entry("new", saved_at="2025-11-24T15:59:00Z"), entry("undated", saved_at=None))
     plan = restore_plan(manifest, [], max_age="30m", now=NOW)
     assert names(plan["pending"]) == ["new"]
-    assert [(e["name"], e["age_s"], e["max_age_s"]) for e in plan["stale"]] == [("old", 3600.0, 1800.0),
-                                                                                  ("undated", None, 1800.0)]
+    assert [(e["name"], e["age_s"], e["max_age_s"]) for e in plan["stale"]] == [
+        ("old", 3600.0, 1800.0), ("undated", None, 1800.0)]
     assert plan["rejected"] == {} and names(plan["entries"]) == ["new", "old", "undated"]
 
 
@@ -160,9 +160,8 @@ def test_ages_read_as_an_operator_reads_them() -> None:
 
 def test_with_priorities_sets_the_listed_names_only_and_copies() -> None:
     items = [{"name": "a", "priority": 3}, {"name": "b"}, {"name": "c"}]
-    assert with_priorities(items, {"b": 7, "c": "-2", "zz": 1}) == [{"name": "a", "priority": 3},
-                                                                     {"name": "b", "priority": 7},
-                                                                     {"name": "c", "priority": -2}]
+    assert with_priorities(items, {"b": 7, "c": "-2", "zz": 1}) == [
+        {"name": "a", "priority": 3}, {"name": "b", "priority": 7}, {"name": "c", "priority": -2}]
     assert items[1] == {"name": "b"}
     assert with_priorities(items, None) == items
 
