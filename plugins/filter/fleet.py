@@ -13,6 +13,7 @@ they are plain Python with unit tests (tests/unit/plugins/filter/test_fleet.py):
 - ``restore_plan``: which guests of the manifest a restore brings back, in which
   order, which it leaves alone and which it refuses (and why);
 - ``rounds``: split a host's guests into rounds of at most N concurrent jobs;
+- ``with_priorities``: set the restore priority host_drain records in manifest entries;
 - ``drain_rows`` / ``restore_rows``: one row per guest (state before, image, size,
   seconds, MiB/s, state after, result, message) from what the role collected;
 - ``fleet_summary``: the rows as a table an operator reads at a glance, with a
@@ -23,6 +24,8 @@ they are plain Python with unit tests (tests/unit/plugins/filter/test_fleet.py):
 
 from __future__ import annotations
 
+import re
+import time
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any, Optional
@@ -37,7 +40,7 @@ DRAIN_WORDS = {"saved": "saved", "would_save": "would save", "kept": "already sa
                "skipped": "skipped (libvirt's)", "stranded": "left running (the restoring QEMU cannot load it)",
                "failed": "failed"}
 RESTORE_WORDS = {"restored": "restored", "would_restore": "would restore", "already_active": "already active",
-                 "discarded": "discarded", "failed": "failed"}
+                 "discarded": "discarded", "stale": "too old, held back", "failed": "failed"}
 # What a restored guest's ``clock_synced`` says, in a restore's headline.
 CLOCK_WORDS = {True: "synced", False: "not synced", "no agent": "no agent"}
 
@@ -113,48 +116,116 @@ def _key(name: Any, uuid: Any) -> tuple[str, str]:
     return str(name), str(uuid).lower()
 
 
+# A duration: numbers, each with an optional unit (s, m, h, d, w), e.g. 900, "15m", "1h30m", "1.5d".
+DURATION = re.compile(r"(?:\d+(?:\.\d+)?[smhdw]?)+")
+DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([smhdw]?)")
+DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def duration_seconds(value: Any) -> Optional[float]:
+    """``value`` (seconds, or a string like "90", "15m", "1h30m", "2d") in seconds; None and "" are no limit."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    text = "".join(str(value).split()).lower()
+    if isinstance(value, bool) or not DURATION.fullmatch(text):
+        raise ValueError(f"{value!r} is not a duration: give seconds (900) or numbers with a unit, s, m, h, d or w "
+                         "(15m, 1h30m, 2d), or null for no limit")
+    return sum(float(number) * DURATION_UNITS[unit] for number, unit in DURATION_PART.findall(text))
+
+
+def _timestamp(text: Any) -> Optional[float]:
+    """Seconds since the epoch of an ISO 8601 time (``saved_at``: UTC, "Z"), or None when it is not one."""
+    if not isinstance(text, str) or not text:
+        return None
+    try:
+        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
+    except ValueError:
+        return None
+    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
+
+
+def saved_time(entry: Mapping[str, Any]) -> Optional[float]:
+    """When the entry's image was written: its ``saved_at``, else its fingerprint's modification time, else None."""
+    saved = _timestamp(entry.get("saved_at"))
+    if saved is not None:
+        return saved
+    mtime = (entry.get("fingerprint") or {}).get("mtime")
+    return float(mtime) if isinstance(mtime, (int, float)) and not isinstance(mtime, bool) else None
+
+
+def _whole(name: Any, value: Any) -> int:
+    """A priority given for ``name``: a whole number (or its digits as a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).strip().lstrip("+-").isdigit():
+        raise ValueError(f"the priority of {name} must be a whole number, not {value!r}")
+    return int(value)
+
+
+def _priority(entry: Mapping[str, Any], overrides: Mapping[str, Any]) -> int:
+    """The entry's priority: the restore-time override, else the one the drain recorded, else 0."""
+    value = overrides.get(entry["name"], entry.get("priority"))
+    return 0 if value is None else _whole(entry["name"], value)
+
+
+def _staleness(entries: Iterable[Mapping[str, Any]], max_age: Any, now: Any) -> list[dict[str, Any]]:
+    """The entries older than ``max_age`` seconds at ``now``, each with ``age_s`` (None: its age is unknown)."""
+    limit = duration_seconds(max_age)
+    if limit is None:
+        return []
+    moment = float(now) if now not in (None, "") else time.time()
+    stale = []
+    for entry in entries:
+        saved = saved_time(entry)
+        age = None if saved is None else round(max(0.0, moment - saved), 1)
+        if age is None or age > limit:
+            stale.append({**entry, "age_s": age, "max_age_s": limit})
+    return stale
+
+
 def restore_plan(manifest: Mapping[str, Any], guests: Iterable[Mapping[str, Any]], wanted: Iterable[str] = (),
-                 order: Iterable[str] = ()) -> dict[str, Any]:
+                 order: Iterable[str] = (), priorities: Optional[Mapping[str, Any]] = None, max_age: Any = None,
+                 now: Any = None) -> dict[str, Any]:
     """What a restore does with each entry of the manifest.
 
     ``manifest`` is the drain_manifest read result (``manifest.guests``, and
     ``images[].problem`` when the images were compared with their fingerprints);
     ``guests`` guest_info's active guests; ``wanted`` the names to restore (empty:
-    all); ``order`` the names to restore first, in that order (the others follow
-    by name). Returns ``pending`` (to restore, in order), ``active`` (already running
-    with the image's name and UUID: left alone), ``rejected`` (name -> why the image
-    is not restored), ``unknown`` (names asked for that the manifest does not list) and
+    all); ``order`` the names to restore first, in that order. The others follow by
+    priority, highest first (``priorities``, name -> number, overrides the entry's
+    ``priority``; 0 when neither gives one), then by name. ``max_age`` (seconds or a
+    duration such as "15m"; None: no limit) holds back the images saved longer ago
+    than that at ``now`` (seconds since the epoch; default: the current time), or
+    whose age cannot be told. Returns ``pending`` (to restore, in order, each with its
+    ``priority``), ``active`` (already running with the image's name and UUID: left
+    alone), ``rejected`` (name -> why the image is not restored), ``stale`` (entries
+    too old, with ``age_s`` and ``max_age_s``), ``unknown`` (names asked for that the
+    manifest does not list), ``entries`` (every selected entry, in order) and
     ``discarded`` (the manifest's discard records of the guests in scope: never restored).
     """
-    wanted, order = list(wanted), list(order)
+    wanted, order, overrides = list(wanted), list(order), dict(priorities or {})
     records = [record for record in (manifest.get("manifest") or {}).get("discarded", [])
                if not wanted or record.get("name") in wanted]
     # An entry of a discarded guest is not restored, unless it was saved again after the discard.
     entries = [entry for entry in (manifest.get("manifest") or {}).get("guests", [])
                if not any(_discards(record, entry) for record in records)]
     problems = {image.get("name"): image.get("problem") for image in manifest.get("images", []) if image.get("problem")}
-    selected = {entry["name"]: entry for entry in entries if not wanted or entry["name"] in wanted}
+    selected = {entry["name"]: {**entry, "priority": _priority(entry, overrides)}
+                for entry in entries if not wanted or entry["name"] in wanted}
     first = [selected[name] for name in dict.fromkeys(order) if name in selected]
     ordered = first + sorted((entry for entry in selected.values() if entry["name"] not in order),
-                             key=lambda entry: entry["name"])
+                             key=lambda entry: (-entry["priority"], entry["name"]))
     running = {_key(guest.get("name"), guest.get("uuid")) for guest in guests}
     active = [entry for entry in ordered if _key(entry["name"], entry.get("uuid")) in running]
     pending = [entry for entry in ordered if _key(entry["name"], entry.get("uuid")) not in running]
     rejected = {entry["name"]: problems[entry["name"]] for entry in pending if entry["name"] in problems}
-    return {"pending": [entry for entry in pending if entry["name"] not in rejected], "active": active,
-            "rejected": rejected, "unknown": [name for name in wanted if name not in _names(entries) + _names(records)],
+    # An image that failed its check is reported as such, whatever its age.
+    stale = _staleness((entry for entry in pending if entry["name"] not in rejected), max_age, now)
+    held = set(rejected) | {entry["name"] for entry in stale}
+    return {"pending": [entry for entry in pending if entry["name"] not in held], "active": active,
+            "rejected": rejected, "stale": stale,
+            "unknown": [name for name in wanted if name not in _names(entries) + _names(records)],
             "entries": ordered, "discarded": records}
-
-
-def _moment(text: Any) -> Optional[datetime]:
-    """An ISO 8601 time of the manifest (``Z`` or an offset), or None."""
-    if not isinstance(text, str):
-        return None
-    try:
-        moment = datetime.fromisoformat(text[:-1] + "+00:00" if text.endswith("Z") else text)
-    except ValueError:
-        return None
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _discards(record: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:
@@ -163,7 +234,7 @@ def _discards(record: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:
         return False
     if record.get("uuid") and entry.get("uuid") and str(record["uuid"]).lower() != str(entry["uuid"]).lower():
         return False
-    saved, discarded = _moment(entry.get("saved_at")), _moment(record.get("discarded_at"))
+    saved, discarded = _timestamp(entry.get("saved_at")), _timestamp(record.get("discarded_at"))
     return saved is None or discarded is None or saved <= discarded
 
 
@@ -299,7 +370,8 @@ def restore_rows(restores: Iterable[Mapping[str, Any]], rejected: Mapping[str, s
                  active: Iterable[Mapping[str, Any]], unknown: Iterable[str],
                  guests_before: Iterable[Mapping[str, Any]], check_mode: bool = False, remove_images: bool = False,
                  timeout: Any = None, entries: Iterable[Mapping[str, Any]] = (),
-                 target_state: str = "as_saved", discarded: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
+                 target_state: str = "as_saved", discarded: Iterable[Mapping[str, Any]] = (),
+                 stale: Iterable[Mapping[str, Any]] = ()) -> list[dict[str, Any]]:
     """One row per guest the restore looked at.
 
     ``restores`` are the async_status results of the restore jobs (their item is the
@@ -307,8 +379,9 @@ def restore_rows(restores: Iterable[Mapping[str, Any]], rejected: Mapping[str, s
     ``active`` the manifest entries whose guest was already active; ``unknown`` names
     asked for that the manifest does not list; ``entries`` the manifest's entries (for
     the image of a rejected guest); ``target_state`` the role's ``host_restore_state``;
-    ``discarded`` the manifest's discard records (restore_plan's ``discarded``). A restored
-    guest's row has ``clock_synced`` (the restore's ``guest.clock_synced``).
+    ``discarded`` the manifest's discard records (restore_plan's ``discarded``); ``stale``
+    restore_plan's entries too old to restore (a ``stale`` row each, not a failure). A
+    restored guest's row has ``clock_synced`` (the restore's ``guest.clock_synced``).
     """
     states = {guest.get("name"): guest.get("state") for guest in guests_before}
     images = {entry.get("name"): entry for entry in entries}
@@ -338,6 +411,7 @@ def restore_rows(restores: Iterable[Mapping[str, Any]], rejected: Mapping[str, s
         entry = images.get(name, {})
         rows.append(_row(name, f"saved ({entry.get('state')})" if entry else "saved", entry.get("path"), "not running",
                          "failed", f"{why}; not restored", uuid=entry.get("uuid")))
+    rows += [_stale_row(entry) for entry in stale]
     for entry in active:
         rows.append(_row(entry.get("name"), states.get(entry.get("name"), "active"), entry.get("path"),
                          states.get(entry.get("name"), "active"), "already_active", "", uuid=entry.get("uuid")))
@@ -365,6 +439,40 @@ def _clocks(rows: Iterable[Mapping[str, Any]]) -> str:
             word = CLOCK_WORDS.get(row["clock_synced"], str(row["clock_synced"]))
             counts[word] = counts.get(word, 0) + 1
     return "guest clocks: " + ", ".join(f"{count} {word}" for word, count in counts.items()) if counts else ""
+
+
+def _age(seconds: float) -> str:
+    """A duration as an operator reads it: 45 s, 12 min, 3.5 h, 2.0 days."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.1f} {unit}" if unit != "min" else f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def _stale_row(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """The row of an image too old to restore automatically: kept, and said how old it is."""
+    age, limit = entry.get("age_s"), float(entry.get("max_age_s") or 0)
+    why = (f"saved {_age(float(age))} ago ({entry.get('saved_at') or 'image modification time'})" if age is not None
+           else "its age is unknown (the manifest records no saved_at nor fingerprint time)")
+    return _row(entry.get("name"), f"saved ({entry.get('state')})", entry.get("path"), "not running", "stale",
+                f"{why}, older than host_restore_max_age ({_age(limit)}): not restored, the image is kept; restore it "
+                "with a larger host_restore_max_age (or null), or discard it", size=entry.get("size"),
+                uuid=entry.get("uuid"), age_s=age, max_age_s=limit)
+
+
+def with_priorities(items: Iterable[Mapping[str, Any]], priorities: Optional[Mapping[str, Any]] = None) -> list[dict[str, Any]]:
+    """``items`` (manifest entries, or save results' images) with ``priority`` set for the names in ``priorities``.
+
+    host_drain records each guest's restore priority (host_drain_priorities) in its manifest entry this way.
+    """
+    priorities = dict(priorities or {})
+    result = []
+    for item in items:
+        item = dict(item)
+        if item.get("name") in priorities:
+            item["priority"] = _whole(item["name"], priorities[item["name"]])
+        result.append(item)
+    return result
 
 
 def _size(value: Any) -> str:
@@ -409,7 +517,7 @@ def fleet_summary(rows: list[Mapping[str, Any]], host: str, role: str, check_mod
     if clocks:
         headline += f"; {clocks}"
     problems = [f"{row['guest']}: {row['result']}: {row['msg']}" for row in rows
-                if row["result"] in ("failed", "skipped", "stranded", "discarded") and row.get("msg")]
+                if row["result"] in ("failed", "skipped", "stranded", "discarded", "stale") and row.get("msg")]
     return [headline] + (_table(rows) if rows else []) + problems
 
 
@@ -439,4 +547,5 @@ class FilterModule:
     def filters(self) -> dict[str, Any]:
         return {"drain_plan": drain_plan, "drain_space": drain_space, "restore_plan": restore_plan,
                 "rounds": rounds, "drain_rows": drain_rows, "restore_rows": restore_rows, "succeeded": succeeded,
-                "failures": failures, "fleet_summary": fleet_summary, "fleet_failure": fleet_failure}
+                "failures": failures, "fleet_summary": fleet_summary, "fleet_failure": fleet_failure,
+                "with_priorities": with_priorities}

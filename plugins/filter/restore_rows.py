@@ -54,6 +54,14 @@ options:
       with result C(discarded).
     type: list
     elements: raw
+  stale:
+    description:
+      - P(savestate.qemu.restore_plan#filter)'s C(stale) entries (images too old to restore, with C(age_s) and
+        C(max_age_s)); each gets a row with C(result=stale), which is not a failure.
+    type: list
+    elements: raw
+    default: []
+    version_added: 1.0.0
 """
 
 EXAMPLES = r"""

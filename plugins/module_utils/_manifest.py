@@ -50,6 +50,8 @@ CHECKSUM = re.compile(r"^([a-z0-9]+):([0-9a-f]+)$")
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 # Modification times are compared to the millisecond: file systems and JSON round differently.
 MTIME_TOLERANCE = 0.001
+# host_restore starts the guests of higher priority first; the bound only keeps the field sane.
+MAX_PRIORITY = 1000000
 UNVERSIONED_NOTE = ("the manifest has no 'version' field (written before the format was versioned): "
                     "read as version 1")
 
@@ -122,6 +124,11 @@ def _check_count(value: Any) -> Optional[str]:
     return None if value is None or (_is_int(value) and value >= 0) else "must be a whole number >= 0 or null"
 
 
+def _check_priority(value: Any) -> Optional[str]:
+    return None if value is None or (_is_int(value) and abs(value) <= MAX_PRIORITY) else (
+        f"must be a whole number from -{MAX_PRIORITY} to {MAX_PRIORITY} or null")
+
+
 def _check_text(value: Any) -> Optional[str]:
     return None if value is None or (isinstance(value, str) and len(value) <= 4096) else "must be a string or null"
 
@@ -154,6 +161,8 @@ FIELDS_V1: dict[str, tuple[Callable[[Any], Optional[str]], bool]] = {
     "machine": (_check_text, False),
     "saved_at": (_check_text, False),
     "fingerprint": (_check_fingerprint, False),
+    # Optional since the start of version 1's use by host_restore's pacing: older manifests have none (priority 0).
+    "priority": (_check_priority, False),
 }
 
 
@@ -373,7 +382,10 @@ def fingerprint(path: str, algorithm: Optional[str], digest: Digest) -> dict[str
 
 
 def entry_from_image(image: Mapping[str, Any], algorithm: Optional[str], digest: Digest) -> dict[str, Any]:
-    """A manifest entry for an image the save module wrote (its result's ``image``)."""
+    """A manifest entry for an image the save module wrote (its result's ``image``).
+
+    A ``priority`` in ``image`` (host_drain_priorities, added by the role) is recorded in the entry.
+    """
     if not isinstance(image, Mapping) or not isinstance(image.get("path"), str):
         raise ManifestError(f"a saved image must be the save module's 'image' result, with a path, not {image!r:.200}")
     path = image["path"]
@@ -381,10 +393,13 @@ def entry_from_image(image: Mapping[str, Any], algorithm: Optional[str], digest:
     memory_kib = image.get("memory_kib")
     metadata = image.get("metadata")
     metadata = metadata if isinstance(metadata, Mapping) else {}
-    return {"name": image.get("name"), "uuid": image.get("uuid"), "path": path,
-            "state": "running" if image.get("was_running") else "paused", "format": image.get("format"),
-            "size": taken["size"], "memory_mib": memory_kib // 1024 if isinstance(memory_kib, int) else None,
-            "machine": image.get("machine"), "saved_at": metadata.get("saved_at"), "fingerprint": taken}
+    entry = {"name": image.get("name"), "uuid": image.get("uuid"), "path": path,
+             "state": "running" if image.get("was_running") else "paused", "format": image.get("format"),
+             "size": taken["size"], "memory_mib": memory_kib // 1024 if isinstance(memory_kib, int) else None,
+             "machine": image.get("machine"), "saved_at": metadata.get("saved_at"), "fingerprint": taken}
+    if image.get("priority") is not None:
+        entry["priority"] = image["priority"]
+    return entry
 
 
 def image_problem(entry: Mapping[str, Any], verify: bool, digest: Digest) -> tuple[bool, Optional[str]]:
