@@ -413,7 +413,9 @@ def job_lines(results: Iterable[Mapping[str, Any]], host: str, role: str) -> lis
         name = _job(result).get("name") or "(unnamed)"
         stats = result.get("stats") if isinstance(result.get("stats"), Mapping) else {}
         if not _job_succeeded(result):
-            lines.append(f"{host}: {name} failed: {_short(_job_message(result, None))}")
+            why = _job_message(result, None) if result.get("msg") or result.get("finished", True) \
+                else "the job did not finish within its timeout"
+            lines.append(f"{host}: {name} failed: {_short(why)}")
         elif stats.get("bytes") is not None and stats.get("duration_s") is not None:
             lines.append(f"{host}: {name} {done}: {_amount(stats['bytes'])} in {float(stats['duration_s']):.2f} s, "
                          f"{_number(stats.get('throughput_mib_s'))} MiB/s")
