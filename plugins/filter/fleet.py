@@ -417,7 +417,7 @@ def job_lines(results: Iterable[Mapping[str, Any]], host: str, role: str) -> lis
                 else "the job did not finish within its timeout"
             lines.append(f"{host}: {name} failed: {_short(why)}")
         elif stats.get("bytes") is not None and stats.get("duration_s") is not None:
-            lines.append(f"{host}: {name} {done}: {_amount(stats['bytes'])} in {float(stats['duration_s']):.2f} s, "
+            lines.append(f"{host}: {name} {done}: {_amount(stats['bytes'])} in {float(stats['duration_s']):.3f} s, "
                          f"{_number(stats.get('throughput_mib_s'))} MiB/s")
         else:
             lines.append(f"{host}: {name}: {_short(result.get('msg')) or f'nothing to {verb}'}")

@@ -41,7 +41,7 @@ def test_one_line_per_guest_with_the_module_figures() -> None:
     match = LINE.match(lines[0])
     assert match, lines[0]
     assert match["host"] == "hv1.example.com" and match["name"] == "web1" and match["verb"] == "saved"
-    assert int(match["bytes"]) == 96 * MIB + 12345 and float(match["seconds"]) == 0.4
+    assert int(match["bytes"]) == 96 * MIB + 12345 and match["seconds"] == "0.400"
     assert abs(float(match["rate"]) - int(match["bytes"]) / MIB / 0.4) < 0.1
     assert lines[1].startswith("hv1.example.com: db1 failed: QMP busy x") and len(lines[1]) < 220
     assert lines[2] == "hv1.example.com: slow failed: the job did not finish within its timeout"
