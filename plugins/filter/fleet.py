@@ -411,7 +411,7 @@ def job_lines(results: Iterable[Mapping[str, Any]], host: str, role: str) -> lis
     lines = []
     for result in results:
         name = _job(result).get("name") or "(unnamed)"
-        stats = result.get("stats") if isinstance(result.get("stats"), Mapping) else {}
+        stats: Mapping[str, Any] = result["stats"] if isinstance(result.get("stats"), Mapping) else {}
         if not _job_succeeded(result):
             why = _job_message(result, None) if result.get("msg") or result.get("finished", True) \
                 else "the job did not finish within its timeout"
@@ -454,7 +454,9 @@ def _free_bytes(statfs: Any) -> Optional[int]:
 def _basis(bandwidth: Any, image_format: str, directory: str, default_mib_s: float) -> tuple[float, str, bool]:
     """The rate to assume, what it rests on, and whether it was measured."""
     measured = bandwidth.get(image_format) if isinstance(bandwidth, Mapping) else None
-    rate = measured.get("mib_s") if isinstance(measured, Mapping) else None
+    if not isinstance(measured, Mapping):
+        measured = {}
+    rate = measured.get("mib_s")
     if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
         return (float(rate), f"measured on {measured.get('measured_at')} by the last {image_format} save into "
                 f"{directory} on this host", True)
