@@ -19,7 +19,13 @@ they are plain Python with unit tests (tests/unit/plugins/filter/test_fleet.py):
 - ``fleet_summary``: the rows as a table an operator reads at a glance, with a
   headline that says what happened, or what would happen in check mode;
 - ``fleet_failure``: the role's failure message, which never claims that other
-  guests were saved or restored when none were.
+  guests were saved or restored when none were;
+- ``job_lines``: one line per guest of a round as its job finished (bytes, seconds,
+  MiB/s from the module's ``stats``), and ``fleet_totals``: the closing line (bytes,
+  wall time, aggregate MiB/s, guests ok and failed);
+- ``drain_estimate`` / ``estimate_lines``: what a drain would write and how long it
+  would take, for check mode, from the bandwidth the save module recorded on the host
+  (drain_manifest's ``bandwidth``) or a conservative default, labelled as such.
 """
 
 from __future__ import annotations
@@ -541,6 +547,130 @@ def fleet_failure(rows: list[Mapping[str, Any]], role: str, check_mode: bool = F
     return message + f" {len(done)} other guest(s) were {past}{where}: {', '.join(done)}."
 
 
+# --- progress and estimates (issue 14) -------------------------------------------------
+
+# The bandwidth a drain estimate assumes when none was measured on the host: a slow disk's.
+DEFAULT_MIB_S = 100.0
+# A failure message in a progress line is cut here: the summary at the end has it whole.
+_LINE_MSG_MAX = 160
+_VERBS = {"drain": ("saved", "save"), "restore": ("restored", "restore")}
+
+
+def _short(text: Any) -> str:
+    line = " ".join(str(text or "").split())
+    return line if len(line) <= _LINE_MSG_MAX else line[:_LINE_MSG_MAX - 3] + "..."
+
+
+def _amount(size: Any) -> str:
+    return f"{int(size)} bytes ({int(size) / MIB:.1f} MiB)"
+
+
+def job_lines(results: Iterable[Mapping[str, Any]], host: str, role: str) -> list[str]:
+    """One line per finished job of a round: ``HOST: GUEST saved: N bytes (M MiB) in S s, R MiB/s``.
+
+    ``results`` are the round's async_status results; the figures are the module's
+    ``stats`` (a job without them, an idempotent one, says so). A failed job's line
+    carries the start of its message; the summary at the end has all of it.
+    """
+    done, verb = _VERBS[role]
+    lines = []
+    for result in results:
+        name = _job(result).get("name") or "(unnamed)"
+        stats: Mapping[str, Any] = result["stats"] if isinstance(result.get("stats"), Mapping) else {}
+        if not _job_succeeded(result):
+            why = _job_message(result, None) if result.get("msg") or result.get("finished", True) \
+                else "the job did not finish within its timeout"
+            lines.append(f"{host}: {name} failed: {_short(why)}")
+        elif stats.get("bytes") is not None and stats.get("duration_s") is not None:
+            lines.append(f"{host}: {name} {done}: {_amount(stats['bytes'])} in {float(stats['duration_s']):.3f} s, "
+                         f"{_number(stats.get('throughput_mib_s'))} MiB/s")
+        else:
+            lines.append(f"{host}: {name}: {_short(result.get('msg')) or f'nothing to {verb}'}")
+    return lines
+
+
+def fleet_totals(rows: Iterable[Mapping[str, Any]], host: str, role: str, seconds: Any = None) -> str:
+    """The closing line: ``HOST: drain total: 3 ok, 1 failed; N bytes (M MiB) in S s wall, R MiB/s aggregate``.
+
+    ``rows`` are drain_rows or restore_rows; ok counts the guests saved or restored in
+    this run, the bytes are their images, the rate is those bytes over the role's wall time.
+    """
+    rows = list(rows)
+    done = [row for row in rows if row.get("result") in ("saved", "restored")]
+    failed = sum(1 for row in rows if row.get("result") == "failed")
+    moved = sum(int(row.get("size") or 0) for row in done)
+    line = f"{host}: {role} total: {len(done)} ok, {failed} failed; {_amount(moved)}"
+    wall = float(seconds) if seconds not in (None, "") else None
+    if wall is not None:
+        line += f" in {wall:.1f} s wall"
+        if wall > 0 and moved:
+            line += f", {moved / MIB / wall:.1f} MiB/s aggregate"
+    return line
+
+
+def _free_bytes(statfs: Any) -> Optional[int]:
+    try:
+        blocks, block_size = (int(word) for word in str(statfs or "").split())
+    except ValueError:
+        return None
+    return blocks * block_size
+
+
+def _basis(bandwidth: Any, image_format: str, directory: str, default_mib_s: float) -> tuple[float, str, bool]:
+    """The rate to assume, what it rests on, and whether it was measured."""
+    measured = bandwidth.get(image_format) if isinstance(bandwidth, Mapping) else None
+    if not isinstance(measured, Mapping):
+        measured = {}
+    rate = measured.get("mib_s")
+    if isinstance(rate, (int, float)) and not isinstance(rate, bool) and rate > 0:
+        return (float(rate), f"measured on {measured.get('measured_at')} by the last {image_format} save into "
+                f"{directory} on this host", True)
+    return (float(default_mib_s), f"default assumption: no {image_format} save into {directory} was measured "
+            "on this host yet", False)
+
+
+def drain_estimate(guests: Iterable[Mapping[str, Any]], statfs: Any, bandwidth: Any, image_format: str,
+                   concurrency: Any, directory: str, margin_mib: Any = 0,
+                   default_mib_s: Any = DEFAULT_MIB_S) -> dict[str, Any]:
+    """What a drain of ``guests`` would write into ``directory`` and how long it would take.
+
+    Each image is at most its guest's RAM (``memory_mib``; a raw image holds the RAM in
+    use, a compressed one less), so sizes and durations are upper bounds at the rate
+    assumed. The rate is drain_manifest's ``bandwidth[image_format].mib_s`` (the last
+    save into this directory, measured on the host), else ``default_mib_s``. Guests run
+    in rounds of ``concurrency``; a round lasts as long as its largest guest. ``statfs``
+    is ``stat -f -c '%a %S'`` of the directory (or its nearest existing parent), or "".
+    """
+    guests = list(guests)
+    rate, basis, measured = _basis(bandwidth, image_format, directory, float(default_mib_s))
+    rows = [{"name": guest.get("name"), "image_bytes_max": _ram_bytes(guest),
+             "seconds": round(int(guest.get("memory_mib") or 0) / rate, 1)} for guest in guests]
+    total = sum(int(row["image_bytes_max"] or 0) for row in rows)
+    seconds = sum(max(row["seconds"] for row in batch) for batch in rounds(rows, concurrency))
+    free = _free_bytes(statfs)
+    needed = total + int(margin_mib or 0) * MIB
+    return {"directory": directory, "format": image_format, "guests": rows, "image_bytes_max": total,
+            "free_bytes": free, "fits": None if free is None else free >= needed, "mib_s": rate,
+            "measured": measured, "basis": basis, "seconds": round(seconds, 1), "concurrency": int(concurrency)}
+
+
+def estimate_lines(estimate: Mapping[str, Any], host: str) -> list[str]:
+    """``drain_estimate``'s result as lines: the totals, the rate and its basis, then one line per guest."""
+    free = estimate.get("free_bytes")
+    space = (f"{free / MIB:.1f} MiB free in {estimate['directory']}" if free is not None
+             else f"free space in {estimate['directory']} unknown")
+    if estimate.get("fits") is False:
+        space += " (NOT ENOUGH: a real run would refuse to save any guest)"
+    lines = [f"{host}: drain estimate: {len(estimate['guests'])} guest(s), {estimate['format']} images of at most "
+             f"{estimate['image_bytes_max'] / MIB:.1f} MiB in all (the guests' RAM: an upper bound), {space}",
+             f"{host}: drain estimate: about {float(estimate['seconds']):.1f} s at most, "
+             f"{estimate['concurrency']} at a time, at {float(estimate['mib_s']):.1f} MiB/s ({estimate['basis']})"]
+    for row in estimate["guests"]:
+        size = "unknown" if row["image_bytes_max"] is None else f"{row['image_bytes_max'] / MIB:.1f} MiB"
+        lines.append(f"{host}: {row['name']}: image up to {size}, about {float(row['seconds']):.1f} s")
+    return lines
+
+
 class FilterModule:
     """The roles' filters (savestate.qemu.rounds, ...)."""
 
@@ -548,4 +678,6 @@ class FilterModule:
         return {"drain_plan": drain_plan, "drain_space": drain_space, "restore_plan": restore_plan,
                 "rounds": rounds, "drain_rows": drain_rows, "restore_rows": restore_rows, "succeeded": succeeded,
                 "failures": failures, "fleet_summary": fleet_summary, "fleet_failure": fleet_failure,
-                "with_priorities": with_priorities}
+                "with_priorities": with_priorities,
+                "job_lines": job_lines, "fleet_totals": fleet_totals, "drain_estimate": drain_estimate,
+                "estimate_lines": estimate_lines}

@@ -182,12 +182,24 @@ images:
     - {name: web1, path: /var/lib/savestate/drain/web1.save, exists: true, problem: null}
     - {name: db1, path: /var/lib/savestate/drain/db1.save, exists: true,
        problem: "the image changed size since the drain (4301258752 -> 4301258240 bytes)"}
+bandwidth:
+  description:
+    - With O(state=read), the save bandwidth measured on this host for images in the manifest's directory, per image
+      format, from the last successful M(savestate.qemu.save) into it (which records it in its private state
+      directory). Empty when none was recorded, or the record is unreadable or malformed (it is then ignored).
+    - P(savestate.qemu.host_drain#role) estimates a drain's duration from it in check mode.
+  returned: with O(state=read)
+  type: dict
+  sample:
+    raw: {directory: /var/lib/savestate/drain, format: raw, bytes: 2147549184, seconds: 1.84, mib_s: 1112.5,
+          measured_at: "2026-11-30T12:00:00Z"}
 """
 
 import json
 import os
 from typing import Any, Optional
 
+from ansible_collections.savestate.qemu.plugins.module_utils._bandwidth import lookup as recorded_bandwidth
 from ansible_collections.savestate.qemu.plugins.module_utils._module import SaveStateModule
 from ansible_collections.savestate.qemu.plugins.module_utils._manifest import (
     CHECKSUM_ALGORITHMS,
@@ -219,7 +231,8 @@ def _read(module: SaveStateModule) -> dict[str, Any]:
         if not params["missing_ok"]:
             raise ManifestError(f"there is no drain manifest at {params['path']}: nothing was drained into "
                                 "this directory, or the manifest was moved; nothing was changed")
-        return dict(exists=False, version=None, manifest={"version": FORMAT_VERSION, "guests": []}, images=[], notes=[])
+        return dict(exists=False, version=None, manifest={"version": FORMAT_VERSION, "guests": []}, images=[], notes=[],
+                    bandwidth=recorded_bandwidth(os.path.dirname(params["path"])))
     for note in manifest.notes:
         module.ansible.warn(f"{params['path']}: {note}")
     images = []
@@ -229,7 +242,7 @@ def _read(module: SaveStateModule) -> dict[str, Any]:
             exists, problem = image_problem(entry, verify, _digest(module))
             images.append({"name": entry["name"], "path": entry["path"], "exists": exists, "problem": problem})
     return dict(exists=True, version=manifest.version, manifest=manifest.as_dict(), images=images,
-                notes=list(manifest.notes))
+                notes=list(manifest.notes), bandwidth=recorded_bandwidth(os.path.dirname(params["path"])))
 
 
 def _write(module: SaveStateModule) -> dict[str, Any]:

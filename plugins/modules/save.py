@@ -147,6 +147,10 @@ notes:
     attempt.
   - The image holds RAM, not disk contents. Do not boot the guest from its disks between a save and the
     restore; M(savestate.qemu.restore) refuses an image whose disks changed.
+  - After a save that wrote an image, the module records its bandwidth (RV(stats)) for the image's directory and
+    format in C(bandwidth.json) of its private state directory (C(/var/lib/savestate-qemu) for root), where
+    M(savestate.qemu.drain_manifest) finds it for the estimate of P(savestate.qemu.host_drain#role) in check mode.
+    A record that cannot be written only gives a warning; the save still succeeds.
 requirements:
   - qemu.qmp >= 0.0.4 and lxml on the managed host.
   - For compressed formats, the compressor program (gzip, bzip2, xz, lzop or zstd) on the managed host.
@@ -267,6 +271,7 @@ qmp_trace:
 
 from typing import Any
 
+from ansible_collections.savestate.qemu.plugins.module_utils._bandwidth import record_save
 from ansible_collections.savestate.qemu.plugins.module_utils._image import ImageFormat
 from ansible_collections.savestate.qemu.plugins.module_utils._module import (
     GUEST_IDENTITY_ARGS,
@@ -329,6 +334,11 @@ def main() -> None:
         if file_args["mode"] is None:
             file_args["mode"] = DEFAULT_MODE
         changed = module.ansible.set_fs_attributes_if_different(file_args, changed)
+    if outcome.stats is not None and not module.check_mode:
+        # For the next drain's estimate (host_drain check mode); never fails the save.
+        problem = record_save(params["path"], params["format"], outcome.stats)
+        if problem:
+            module.ansible.warn(problem)
     module.exit_outcome(outcome, diff_header=params["path"], changed=changed)
 
 

@@ -149,7 +149,8 @@ def test_succeeded_keeps_the_finished_jobs_that_did_not_fail() -> None:
 
 def test_the_plugin_exposes_every_filter() -> None:
     names = {"rounds", "drain_rows", "restore_rows", "succeeded", "failures", "fleet_summary", "fleet_failure",
-             "drain_plan", "drain_space", "restore_plan", "with_priorities"}
+             "drain_plan", "drain_space", "restore_plan", "with_priorities", "job_lines", "fleet_totals",
+             "drain_estimate", "estimate_lines"}
     assert set(FilterModule().filters()) == names
 
 

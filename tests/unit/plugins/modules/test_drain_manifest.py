@@ -119,3 +119,9 @@ def test_the_writer_refuses_an_entry_pointing_elsewhere(tmp_path: Path) -> None:
 def test_a_relative_path_is_refused(tmp_path: Path) -> None:
     result = run_module("drain_manifest", {"path": "savestate-manifest.json"}, check=True)
     assert result["failed"] and "path must be absolute" in result["msg"]
+
+
+def test_a_read_returns_the_save_bandwidth_recorded_for_its_directory(tmp_path: Path) -> None:
+    # No save was ever made into this fresh directory: nothing recorded (the estimate then says so).
+    result = read(tmp_path, missing_ok=True)
+    assert not result["failed"] and result["bandwidth"] == {}, result["_stdout"]
