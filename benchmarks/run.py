@@ -33,6 +33,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +50,9 @@ from harness.libvirt import EmbeddedLibvirt  # noqa: E402
 from harness.paths import CACHE_DIR, VENV_DIR  # noqa: E402
 from harness.processes import Reaper, become_subreaper, kill_and_wait, pid_gone, qemu_processes  # noqa: E402
 from harness.qemu import SYSTEM_QEMU  # noqa: E402
-from integration.ansible_runner import run_module  # noqa: E402
+from integration.ansible_runner import ANSIBLE as ANSIBLE_BIN  # noqa: E402
+from integration.ansible_runner import _environment as ansible_environment  # noqa: E402
+from integration.ansible_runner import _host_result as host_result  # noqa: E402
 from report import (  # noqa: E402
     ANSIBLE, ANSIBLE_FIXED, DISK, OURS, QEMU, VIRSH, HostSample, Sample, render)
 
@@ -128,10 +131,11 @@ class Contenders:
             self.cache.drop(path)
 
     def record(self, contender: str, image_format: str, operation: str, seconds: float, path: Optional[Path],
-               rss_kib: Optional[int] = None, stream_s: Optional[float] = None) -> None:
+               rss_kib: Optional[int] = None, stream_s: Optional[float] = None, cpu_s: Optional[float] = None,
+               load1: Optional[float] = None) -> None:
         size = path.stat().st_size if path is not None else 0
         self.samples.append(Sample(self.size_gib, contender, image_format, operation, seconds, size, rss_kib,
-                                   stream_s))
+                                   stream_s, cpu_s, load1))
 
     def qemu_file(self, image_format: str = "raw") -> None:
         path = self.images / "qemu-own.bin"
@@ -173,11 +177,13 @@ class Contenders:
         restore_args: dict[str, Any] = {"path": str(path)}
         if channels is not None:
             save_args["parallel_channels"] = restore_args["parallel_channels"] = channels
-        seconds, rss, stream = _op("save", save_args)
-        self.record(contender, image_format, "save", seconds, path, rss, stream)
+        load = os.getloadavg()[0]
+        seconds, rss, stream, cpu = _op("save", save_args)
+        self.record(contender, image_format, "save", seconds, path, rss, stream, cpu, load)
         self.before_restore(path)
-        seconds, rss, stream = _op("restore", restore_args)
-        self.record(contender, image_format, "restore", seconds, path, rss, stream)
+        load = os.getloadavg()[0]
+        seconds, rss, stream, cpu = _op("restore", restore_args)
+        self.record(contender, image_format, "restore", seconds, path, rss, stream, cpu, load)
         path.unlink()
 
     def savestate_ansible(self, image_format: str) -> None:
@@ -186,17 +192,20 @@ class Contenders:
         for operation, arguments in (("save", save_args), ("restore", {"path": str(path)})):
             if operation == "restore":
                 self.before_restore(path)
+            load = os.getloadavg()[0]
             started = time.monotonic()
-            result = _check(run_module(operation, arguments))
+            result, cpu = run_ansible(f"savestate.qemu.{operation}", arguments)
             seconds = time.monotonic() - started
-            self.record(ANSIBLE, image_format, operation, seconds, path, None, _stream_seconds(result))
+            self.record(ANSIBLE, image_format, operation, seconds, path, None, _stream_seconds(result), cpu, load)
         path.unlink()
 
     def ansible_fixed_cost(self) -> None:
         """Ansible's own cost of one task (start-up, module transfer, result), run exactly as ours are."""
         # ping needs an argument: '-a {}' is a free-form string it refuses, failing before any module runs.
-        seconds = timed(lambda: _check(run_module("ansible.builtin.ping", {"data": "pong"})))
-        self.record(ANSIBLE_FIXED, "-", "task", seconds, None)
+        load = os.getloadavg()[0]
+        started = time.monotonic()
+        cpu = run_ansible("ansible.builtin.ping", {"data": "pong"})[1]
+        self.record(ANSIBLE_FIXED, "-", "task", time.monotonic() - started, None, cpu_s=cpu, load1=load)
 
     def virsh(self, image_format: str) -> None:
         path = self.images / f"virsh.{image_format}"
@@ -217,6 +226,27 @@ def _connectable(address: str) -> bool:
     return True
 
 
+def run_ansible(module: str, arguments: dict) -> tuple[dict, float]:
+    """``ansible localhost -m module`` as tests/integration/ansible_runner.py runs it; its result and the CPU
+    time (user+sys) of its process tree: the controller, its worker and the module, all reaped below it.
+
+    wait4 on the ansible process, not getrusage(RUSAGE_CHILDREN): this process is the subreaper of the
+    QEMUs that restores start, and the Reaper thread may reap one (with all its CPU) meanwhile.
+    """
+    with tempfile.TemporaryDirectory(prefix="ssq-bench-") as scratch:
+        result_file = Path(scratch) / "results.jsonl"
+        with open(Path(scratch) / "output", "wb") as output:
+            process = subprocess.Popen([str(ANSIBLE_BIN), "localhost", "-m", module, "-a", json.dumps(arguments)],
+                                       cwd=ROOT, env=ansible_environment(result_file, None),
+                                       stdout=output, stderr=subprocess.STDOUT)
+            status, usage = os.wait4(process.pid, 0)[1:]
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output_text = (Path(scratch) / "output").read_text(errors="replace")
+        result = host_result(subprocess.CompletedProcess(process.args, process.returncode, output_text, ""),
+                             result_file)
+    return _check(result), usage.ru_utime + usage.ru_stime
+
+
 def _check(result: dict) -> dict:
     if result.get("failed"):
         raise RuntimeError(f"module failed: {result.get('msg')}")
@@ -233,18 +263,19 @@ def _spawn_op(operation: str, arguments: dict) -> subprocess.Popen:
                              operation, json.dumps(arguments)], stdout=subprocess.PIPE, text=True)
 
 
-def _finish_op(process: subprocess.Popen, operation: str) -> tuple[float, int, Optional[float]]:
-    """Wait for one benchmarks/op.py; return its duration, its peak RSS in KiB and the stream's duration."""
+def _finish_op(process: subprocess.Popen, operation: str) -> tuple[float, int, Optional[float], float]:
+    """Wait for one benchmarks/op.py; return its duration, its peak RSS in KiB, the stream's duration and
+    the CPU time (user+sys) of it and its helpers."""
     output = process.stdout.read()
     status, usage = os.wait4(process.pid, 0)[1:]
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"benchmarks/op.py {operation} failed")
     result = json.loads(output)
-    return result["seconds"], usage.ru_maxrss, _stream_seconds(result)
+    return result["seconds"], usage.ru_maxrss, _stream_seconds(result), usage.ru_utime + usage.ru_stime
 
 
-def _op(operation: str, arguments: dict) -> tuple[float, int, Optional[float]]:
+def _op(operation: str, arguments: dict) -> tuple[float, int, Optional[float], float]:
     return _finish_op(_spawn_op(operation, arguments), operation)
 
 
