@@ -47,15 +47,9 @@ from harness.paths import CACHE_DIR, VENV_DIR  # noqa: E402
 from harness.processes import Reaper, become_subreaper, kill_and_wait, qemu_processes  # noqa: E402
 from harness.qemu import SYSTEM_QEMU  # noqa: E402
 from integration.ansible_runner import ANSIBLE, _environment  # noqa: E402
+from run import INTERPRETER_WRAPPER, bash_children_seconds  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
-WRAPPER = """#!/bin/bash
-# The module's interpreter: runs it, then appends its CPU time (user sys, children included) to a file.
-"{python}" "$@"
-status=$?
-times >> "$SAVESTATE_MODULE_TIMES"  # not in a pipe: a subshell has no children
-exit $status
-"""
 
 
 def qemu_cpu(pid: Optional[int]) -> float:
@@ -98,15 +92,6 @@ def machine_busy() -> float:
     return (sum(values) - values[3] - values[4]) / TICK
 
 
-def bash_times(line: str) -> float:
-    """Seconds from bash's ``times`` line of the children (``0m1.234s 0m0.100s``)."""
-    total = 0.0
-    for part in line.split():
-        minutes, seconds = part.rstrip("s").split("m")
-        total += int(minutes) * 60 + float(seconds)
-    return total
-
-
 def drop_caches() -> None:
     """A cold restore, as after a reboot (needs root, as make bench)."""
     os.sync()
@@ -119,7 +104,7 @@ class Runner:
         self.images = images
         self.times_file = scratch / "module-times"
         self.wrapper = scratch / "python"
-        self.wrapper.write_text(WRAPPER.format(python=VENV_DIR / "bin" / "python"))
+        self.wrapper.write_text(INTERPRETER_WRAPPER.format(python=VENV_DIR / "bin" / "python", times=self.times_file))
         self.wrapper.chmod(0o755)
         self.result_file = scratch / "results.jsonl"
         self.cold = False
@@ -160,8 +145,7 @@ class Runner:
         return row
 
     def ansible(self, module: str, arguments: dict[str, Any], extra: dict[str, str]) -> dict[str, Any]:
-        env = _environment(self.result_file, {"ANSIBLE_PYTHON_INTERPRETER": str(self.wrapper),
-                                              "SAVESTATE_MODULE_TIMES": str(self.times_file), **extra})
+        env = _environment(self.result_file, extra)
         self.times_file.write_text("")
         # Implicit localhost runs modules with the controller's own interpreter whatever the environment
         # says: only the inventory variable picks the wrapper.
@@ -171,8 +155,7 @@ class Runner:
         result = json.loads(self.result_file.read_text().splitlines()[-1])
         if result.get("_status") != "ok":
             raise RuntimeError(f"{module}: {result.get('msg')}")
-        lines = self.times_file.read_text().splitlines()
-        module_cpu = bash_times(lines[-1]) if lines else 0.0
+        module_cpu = bash_children_seconds(self.times_file.read_text()) or 0.0
         row.update(stream=(result.get("stats") or {}).get("duration_s"), module_cpu=module_cpu,
                    controller_cpu=row["tree_cpu"] - module_cpu)
         return row

@@ -34,6 +34,7 @@ class Sample:
     stream_s: Optional[float] = None   # the module's own stats.duration_s: QEMU streaming the image
     cpu_s: Optional[float] = None      # user+sys CPU of the process tree the run started (wait4)
     load1: Optional[float] = None      # the machine's 1-minute load average when the run started
+    module_cpu_s: Optional[float] = None  # of cpu_s, the module process's own (ansible runs; the rest: controller)
 
 
 @dataclass
@@ -80,6 +81,8 @@ def medians(samples: list[Sample]) -> Table:
                   "rss_kib": max((s.rss_kib for s in group if s.rss_kib), default=None),
                   "outside_s": _median([s.seconds - s.stream_s for s in group if s.stream_s is not None]),
                   "cpu_s": _median([s.cpu_s for s in group if s.cpu_s is not None]),
+                  "controller_cpu_s": _median([s.cpu_s - s.module_cpu_s for s in group
+                                               if s.cpu_s is not None and s.module_cpu_s is not None]),
                   "runs": len(group)}
             for key, group in grouped.items()}
 
@@ -142,6 +145,8 @@ def sample_rows(table: Table) -> list[str]:
         cpu_excess = ansible_cpu_excess(table, size, image_format, operation) if contender == ANSIBLE else None
         cpu_over = f"{cpu_excess:+.2f} s" if cpu_excess is not None else ""
         cpu = f"{row['cpu_s']:.2f}" if row.get("cpu_s") is not None else ""
+        if row.get("controller_cpu_s") is not None:
+            cpu += f" (controller {row['controller_cpu_s']:.2f})"
         rss = f"{row['rss_kib'] / 1024:.0f}" if row["rss_kib"] else ""
         outside = f"{row['outside_s']:.2f}" if row["outside_s"] is not None else ""
         shown_rate = f"{rate:.0f}" if rate and operation != "task" else ""
@@ -245,8 +250,9 @@ def render(samples: list[Sample], host: list[HostSample], sizes: list[int], form
              "*outside the stream*: the row's time minus the module's own `stats.duration_s` (QEMU streaming the "
              "image), i.e. everything but the stream: start-up, checks, QMP, fsyncs, Ansible. *CPU s*: user+sys CPU "
              "time of the process tree the run started (module_utils: benchmarks/op.py and its helpers; `ansible`: "
-             "the controller, its worker and the module), not QEMU's. *CPU over module_utils + fixed*: the same "
-             "difference as the seconds, in CPU time: what Ansible costs beyond its fixed per-task cost.",
+             "the controller, its worker and the module; in brackets the controller and worker alone), not QEMU's. "
+             "*CPU over module_utils + fixed*: the same difference as the seconds, in CPU time: what Ansible costs "
+             "beyond its fixed per-task cost.",
              ""]
     lines += sample_rows(table)
     if host:

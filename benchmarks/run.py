@@ -132,10 +132,10 @@ class Contenders:
 
     def record(self, contender: str, image_format: str, operation: str, seconds: float, path: Optional[Path],
                rss_kib: Optional[int] = None, stream_s: Optional[float] = None, cpu_s: Optional[float] = None,
-               load1: Optional[float] = None) -> None:
+               load1: Optional[float] = None, module_cpu_s: Optional[float] = None) -> None:
         size = path.stat().st_size if path is not None else 0
         self.samples.append(Sample(self.size_gib, contender, image_format, operation, seconds, size, rss_kib,
-                                   stream_s, cpu_s, load1))
+                                   stream_s, cpu_s, load1, module_cpu_s))
 
     def qemu_file(self, image_format: str = "raw") -> None:
         path = self.images / "qemu-own.bin"
@@ -194,9 +194,10 @@ class Contenders:
                 self.before_restore(path)
             load = os.getloadavg()[0]
             started = time.monotonic()
-            result, cpu = run_ansible(f"savestate.qemu.{operation}", arguments)
+            result, cpu, module_cpu = run_ansible(f"savestate.qemu.{operation}", arguments)
             seconds = time.monotonic() - started
-            self.record(ANSIBLE, image_format, operation, seconds, path, None, _stream_seconds(result), cpu, load)
+            self.record(ANSIBLE, image_format, operation, seconds, path, None, _stream_seconds(result), cpu, load,
+                        module_cpu)
         path.unlink()
 
     def ansible_fixed_cost(self) -> None:
@@ -204,8 +205,9 @@ class Contenders:
         # ping needs an argument: '-a {}' is a free-form string it refuses, failing before any module runs.
         load = os.getloadavg()[0]
         started = time.monotonic()
-        cpu = run_ansible("ansible.builtin.ping", {"data": "pong"})[1]
-        self.record(ANSIBLE_FIXED, "-", "task", time.monotonic() - started, None, cpu_s=cpu, load1=load)
+        cpu, module_cpu = run_ansible("ansible.builtin.ping", {"data": "pong"})[1:]
+        self.record(ANSIBLE_FIXED, "-", "task", time.monotonic() - started, None, cpu_s=cpu, load1=load,
+                    module_cpu_s=module_cpu)
 
     def virsh(self, image_format: str) -> None:
         path = self.images / f"virsh.{image_format}"
@@ -226,25 +228,55 @@ def _connectable(address: str) -> bool:
     return True
 
 
-def run_ansible(module: str, arguments: dict) -> tuple[dict, float]:
-    """``ansible localhost -m module`` as tests/integration/ansible_runner.py runs it; its result and the CPU
-    time (user+sys) of its process tree: the controller, its worker and the module, all reaped below it.
+# The module's interpreter in the bench's ansible runs: the venv's python, then bash's ``times`` (its
+# children's user and sys time: the module and its helpers) into a file. Not in a pipe: a subshell has no children.
+INTERPRETER_WRAPPER = """#!/bin/bash
+"{python}" "$@"
+status=$?
+times > "{times}"
+exit $status
+"""
+
+
+def bash_children_seconds(times_output: str) -> Optional[float]:
+    """user+sys seconds of the children from bash's ``times`` output (its last line: ``0m1.234s 0m0.100s``)."""
+    lines = times_output.strip().splitlines()
+    if not lines:
+        return None
+    total = 0.0
+    for part in lines[-1].split():
+        minutes, seconds = part.rstrip("s").split("m")
+        total += int(minutes) * 60 + float(seconds)
+    return total
+
+
+def run_ansible(module: str, arguments: dict, extra_env: Optional[dict[str, str]] = None
+                ) -> tuple[dict, float, Optional[float]]:
+    """``ansible localhost -m module`` as tests/integration/ansible_runner.py runs it: its result, the CPU
+    time (user+sys) of its process tree (the controller, its worker and the module, all reaped below it)
+    and the module process's own CPU time (with its helpers), None if it did not run.
 
     wait4 on the ansible process, not getrusage(RUSAGE_CHILDREN): this process is the subreaper of the
-    QEMUs that restores start, and the Reaper thread may reap one (with all its CPU) meanwhile.
+    QEMUs that restores start, and the Reaper thread may reap one (with all its CPU) meanwhile. The module
+    runs through INTERPRETER_WRAPPER, given as the inventory variable: an implicit localhost ignores
+    ANSIBLE_PYTHON_INTERPRETER and runs modules with the controller's own interpreter.
     """
-    with tempfile.TemporaryDirectory(prefix="ssq-bench-") as scratch:
-        result_file = Path(scratch) / "results.jsonl"
-        with open(Path(scratch) / "output", "wb") as output:
-            process = subprocess.Popen([str(ANSIBLE_BIN), "localhost", "-m", module, "-a", json.dumps(arguments)],
-                                       cwd=ROOT, env=ansible_environment(result_file, None),
+    with tempfile.TemporaryDirectory(prefix="ssq-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        result_file, times_file, wrapper = scratch / "results.jsonl", scratch / "module-times", scratch / "python"
+        wrapper.write_text(INTERPRETER_WRAPPER.format(python=VENV_DIR / "bin" / "python", times=times_file))
+        wrapper.chmod(0o700)
+        argv = [str(ANSIBLE_BIN), "localhost", "-m", module, "-a", json.dumps(arguments),
+                "-e", f"ansible_python_interpreter={wrapper}"]
+        with open(scratch / "output", "wb") as output:
+            process = subprocess.Popen(argv, cwd=ROOT, env=ansible_environment(result_file, extra_env),
                                        stdout=output, stderr=subprocess.STDOUT)
             status, usage = os.wait4(process.pid, 0)[1:]
         process.returncode = os.waitstatus_to_exitcode(status)
-        output_text = (Path(scratch) / "output").read_text(errors="replace")
-        result = host_result(subprocess.CompletedProcess(process.args, process.returncode, output_text, ""),
-                             result_file)
-    return _check(result), usage.ru_utime + usage.ru_stime
+        output_text = (scratch / "output").read_text(errors="replace")
+        result = host_result(subprocess.CompletedProcess(argv, process.returncode, output_text, ""), result_file)
+        module_cpu = bash_children_seconds(times_file.read_text()) if times_file.exists() else None
+    return _check(result), usage.ru_utime + usage.ru_stime, module_cpu
 
 
 def _check(result: dict) -> dict:
@@ -315,6 +347,19 @@ def boot_pair(size_gib: int, workdir: Path, reaper: Reaper) -> tuple[Guest, Embe
     return guest, libvirt, libvirt_name
 
 
+def rotated(contenders: Contenders, image_format: str, rep: int) -> list[Callable[[], None]]:
+    """module_utils, virsh and ansible in an order that turns with the repetition.
+
+    In a fixed order the `ansible` rows always ran right after virsh's restore (a freshly
+    started libvirt guest, its image just read into the page cache) and the module_utils
+    rows never did: an order effect, not an Ansible cost, could land on one contender.
+    """
+    order = [lambda: contenders.savestate_module_utils(image_format), lambda: contenders.virsh(image_format),
+             lambda: contenders.savestate_ansible(image_format)]
+    shift = rep % len(order)
+    return order[shift:] + order[:shift]
+
+
 def bench_size(args: argparse.Namespace, size: int, workdir: Path, images: Path, reaper: Reaper,
                samples: list[Sample], cache: Cache) -> None:
     guest, libvirt, libvirt_name = boot_pair(size, workdir, reaper)
@@ -327,9 +372,8 @@ def bench_size(args: argparse.Namespace, size: int, workdir: Path, images: Path,
             contenders.ansible_fixed_cost()
             contenders.qemu_file()
             for image_format in args.formats:
-                contenders.savestate_module_utils(image_format)
-                contenders.virsh(image_format)
-                contenders.savestate_ansible(image_format)
+                for run_contender in rotated(contenders, image_format, rep):
+                    run_contender()
                 if image_format == "sparse":
                     for channels in args.sparse_channels:
                         contenders.savestate_module_utils("sparse", channels)

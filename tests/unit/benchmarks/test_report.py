@@ -41,3 +41,15 @@ def test_the_report_shows_the_cpu_columns_and_the_load() -> None:
 
 def test_no_load_note_without_load_figures() -> None:
     assert load_note([Sample(1, OURS, "raw", "save", 1.0, GIB)]) == ""
+
+
+def test_the_module_cpu_is_read_from_bash_times_children_line() -> None:
+    from run import bash_children_seconds
+
+    assert bash_children_seconds("0m0.002s 0m0.000s\n1m0.250s 0m0.030s\n") == 60.28
+    assert bash_children_seconds("") is None
+
+
+def test_controller_cpu_is_the_tree_minus_the_module() -> None:
+    table = medians([Sample(1, ANSIBLE_FIXED, "-", "task", 0.8, 0, cpu_s=0.7, module_cpu_s=0.16)])
+    assert abs(table[(1, ANSIBLE_FIXED, "-", "task")]["controller_cpu_s"] - 0.54) < 1e-9
