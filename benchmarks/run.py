@@ -38,7 +38,7 @@ import time
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -132,10 +132,11 @@ class Contenders:
 
     def record(self, contender: str, image_format: str, operation: str, seconds: float, path: Optional[Path],
                rss_kib: Optional[int] = None, stream_s: Optional[float] = None, cpu_s: Optional[float] = None,
-               load1: Optional[float] = None, module_cpu_s: Optional[float] = None) -> None:
+               load1: Optional[float] = None, module_cpu_s: Optional[float] = None,
+               process_s: Optional[float] = None) -> None:
         size = path.stat().st_size if path is not None else 0
         self.samples.append(Sample(self.size_gib, contender, image_format, operation, seconds, size, rss_kib,
-                                   stream_s, cpu_s, load1, module_cpu_s))
+                                   stream_s, cpu_s, load1, module_cpu_s, process_s))
 
     def qemu_file(self, image_format: str = "raw") -> None:
         path = self.images / "qemu-own.bin"
@@ -177,13 +178,13 @@ class Contenders:
         restore_args: dict[str, Any] = {"path": str(path)}
         if channels is not None:
             save_args["parallel_channels"] = restore_args["parallel_channels"] = channels
-        load = os.getloadavg()[0]
-        seconds, rss, stream, cpu = _op("save", save_args)
-        self.record(contender, image_format, "save", seconds, path, rss, stream, cpu, load)
-        self.before_restore(path)
-        load = os.getloadavg()[0]
-        seconds, rss, stream, cpu = _op("restore", restore_args)
-        self.record(contender, image_format, "restore", seconds, path, rss, stream, cpu, load)
+        for operation, arguments in (("save", save_args), ("restore", restore_args)):
+            if operation == "restore":
+                self.before_restore(path)
+            load = os.getloadavg()[0]
+            run = _op(operation, arguments)
+            self.record(contender, image_format, operation, run.seconds, path, run.rss_kib, run.stream_s, run.cpu_s,
+                        load, process_s=run.process_s)
         path.unlink()
 
     def savestate_ansible(self, image_format: str) -> None:
@@ -290,24 +291,37 @@ def _stream_seconds(result: dict) -> Optional[float]:
     return (result.get("stats") or {}).get("duration_s")
 
 
-def _spawn_op(operation: str, arguments: dict) -> subprocess.Popen:
+class OpRun(NamedTuple):
+    """One benchmarks/op.py run."""
+
+    seconds: float              # the save_guest()/restore_guest() call, timed inside the process
+    rss_kib: int                # peak RSS of the process and its helpers
+    stream_s: Optional[float]   # the operation's own stats.duration_s
+    cpu_s: float                # user+sys CPU of the process and its helpers
+    process_s: float            # from spawning the process to its exit: start-up and imports included
+
+
+def _spawn_op(operation: str, arguments: dict) -> tuple[subprocess.Popen, float]:
+    started = time.monotonic()
     return subprocess.Popen([str(VENV_DIR / "bin" / "python"), str(ROOT / "benchmarks" / "op.py"),
-                             operation, json.dumps(arguments)], stdout=subprocess.PIPE, text=True)
+                             operation, json.dumps(arguments)], stdout=subprocess.PIPE, text=True), started
 
 
-def _finish_op(process: subprocess.Popen, operation: str) -> tuple[float, int, Optional[float], float]:
-    """Wait for one benchmarks/op.py; return its duration, its peak RSS in KiB, the stream's duration and
-    the CPU time (user+sys) of it and its helpers."""
+def _finish_op(spawned: tuple[subprocess.Popen, float], operation: str) -> OpRun:
+    """Wait for one benchmarks/op.py and say what it took."""
+    process, started = spawned
     output = process.stdout.read()
     status, usage = os.wait4(process.pid, 0)[1:]
+    ended = time.monotonic()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"benchmarks/op.py {operation} failed")
     result = json.loads(output)
-    return result["seconds"], usage.ru_maxrss, _stream_seconds(result), usage.ru_utime + usage.ru_stime
+    return OpRun(result["seconds"], usage.ru_maxrss, _stream_seconds(result), usage.ru_utime + usage.ru_stime,
+                 ended - started)
 
 
-def _op(operation: str, arguments: dict) -> tuple[float, int, Optional[float], float]:
+def _op(operation: str, arguments: dict) -> OpRun:
     return _finish_op(_spawn_op(operation, arguments), operation)
 
 
@@ -402,8 +416,8 @@ def host_round(guests: list[Guest], images: Path, cache: Optional[Cache], parall
         started = time.monotonic()
         if parallel:
             running = [(_spawn_op(op, arguments), op) for op, arguments in batch]
-            for process, op in running:
-                _finish_op(process, op)
+            for spawned, op in running:
+                _finish_op(spawned, op)
         else:
             for op, arguments in batch:
                 _op(op, arguments)

@@ -53,3 +53,12 @@ def test_the_module_cpu_is_read_from_bash_times_children_line() -> None:
 def test_controller_cpu_is_the_tree_minus_the_module() -> None:
     table = medians([Sample(1, ANSIBLE_FIXED, "-", "task", 0.8, 0, cpu_s=0.7, module_cpu_s=0.16)])
     assert abs(table[(1, ANSIBLE_FIXED, "-", "task")]["controller_cpu_s"] - 0.54) < 1e-9
+
+
+def test_the_excess_counts_the_module_utils_process_from_outside_when_measured() -> None:
+    rows = samples() + [Sample(1, OURS, "raw", "save", 0.85, GIB, process_s=1.1)]
+    table = medians(rows)
+    assert table[(1, OURS, "raw", "save")]["process_s"] == 1.1
+    assert abs(ansible_excess(table, 1, "raw", "save") - (1.9 - 1.1 - 0.8)) < 1e-9
+    report = render(rows, [], [1], ["raw"], 1, "Machine: test.", "make bench", 1.0, True, "drop_caches")
+    assert f"| 1 GiB | {OURS} | raw | save | 0.85 (process 1.10) |" in report
