@@ -32,6 +32,10 @@ class Sample:
     image_bytes: int
     rss_kib: Optional[int] = None
     stream_s: Optional[float] = None   # the module's own stats.duration_s: QEMU streaming the image
+    cpu_s: Optional[float] = None      # user+sys CPU of the process tree the run started (wait4)
+    load1: Optional[float] = None      # the machine's 1-minute load average when the run started
+    module_cpu_s: Optional[float] = None  # of cpu_s, the module process's own (ansible runs; the rest: controller)
+    process_s: Optional[float] = None  # module_utils: the op.py process's whole life (start-up and imports too)
 
 
 @dataclass
@@ -77,6 +81,10 @@ def medians(samples: list[Sample]) -> Table:
                   "bytes": statistics.median(s.image_bytes for s in group),
                   "rss_kib": max((s.rss_kib for s in group if s.rss_kib), default=None),
                   "outside_s": _median([s.seconds - s.stream_s for s in group if s.stream_s is not None]),
+                  "cpu_s": _median([s.cpu_s for s in group if s.cpu_s is not None]),
+                  "process_s": _median([s.process_s for s in group if s.process_s is not None]),
+                  "controller_cpu_s": _median([s.cpu_s - s.module_cpu_s for s in group
+                                               if s.cpu_s is not None and s.module_cpu_s is not None]),
                   "runs": len(group)}
             for key, group in grouped.items()}
 
@@ -100,10 +108,28 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
 
 
 def ansible_excess(table: Table, size: int, image_format: str, operation: str) -> Optional[float]:
-    """Seconds the ansible run took beyond module_utils + Ansible's fixed per-task cost."""
+    """Seconds the ansible run took beyond module_utils + Ansible's fixed per-task cost.
+
+    The module_utils side is its process's whole life where measured (Python's start-up and the imports
+    of our module_utils, as a module run has them too), not only the call: both are timed from outside.
+    """
     through = _seconds(table, size, ANSIBLE, image_format, operation)
-    direct = _seconds(table, size, OURS, image_format, operation)
+    row = table.get((size, OURS, image_format, operation))
+    direct = (row.get("process_s") or row["seconds"]) if row else None
     fixed = _seconds(table, size, ANSIBLE_FIXED, "-", "task")
+    if through is None or direct is None or fixed is None:
+        return None
+    return through - direct - fixed
+
+
+def ansible_cpu_excess(table: Table, size: int, image_format: str, operation: str) -> Optional[float]:
+    """CPU seconds the ansible run's process tree used beyond module_utils' and the ping task's."""
+    def cpu(contender: str, fmt: str, op: str) -> Optional[float]:
+        row = table.get((size, contender, fmt, op))
+        return row.get("cpu_s") if row else None
+
+    through, direct, fixed = cpu(ANSIBLE, image_format, operation), cpu(OURS, image_format, operation), \
+        cpu(ANSIBLE_FIXED, "-", "task")
     if through is None or direct is None or fixed is None:
         return None
     return through - direct - fixed
@@ -111,8 +137,9 @@ def ansible_excess(table: Table, size: int, image_format: str, operation: str) -
 
 def sample_rows(table: Table) -> list[str]:
     lines = ["| RAM | contender | format | operation | seconds | image MiB | MiB/s | vs disk | "
-             "over module_utils + fixed | outside the stream | peak RSS MiB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "over module_utils + fixed | outside the stream | CPU s | CPU over module_utils + fixed | "
+             "peak RSS MiB |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in sorted(table, key=lambda k: (k[0], k[3], k[1], k[2])):
         size, contender, image_format, operation = key
         row = table[key]
@@ -122,11 +149,20 @@ def sample_rows(table: Table) -> list[str]:
         versus = f"{rate / disk:.2f}" if rate and disk else ""
         excess = ansible_excess(table, size, image_format, operation) if contender == ANSIBLE else None
         over = f"{excess:+.2f} s" if excess is not None else ""
+        cpu_excess = ansible_cpu_excess(table, size, image_format, operation) if contender == ANSIBLE else None
+        cpu_over = f"{cpu_excess:+.2f} s" if cpu_excess is not None else ""
+        cpu = f"{row['cpu_s']:.2f}" if row.get("cpu_s") is not None else ""
+        if row.get("controller_cpu_s") is not None:
+            cpu += f" (controller {row['controller_cpu_s']:.2f})"
         rss = f"{row['rss_kib'] / 1024:.0f}" if row["rss_kib"] else ""
         outside = f"{row['outside_s']:.2f}" if row["outside_s"] is not None else ""
         shown_rate = f"{rate:.0f}" if rate and operation != "task" else ""
-        lines.append(f"| {size} GiB | {contender} | {image_format} | {operation} | {row['seconds']:.2f} | "
-                     f"{row['bytes'] / MIB:.0f} | {shown_rate} | {versus} | {over} | {outside} | {rss} |")
+        seconds = f"{row['seconds']:.2f}"
+        if row.get("process_s") is not None:
+            seconds += f" (process {row['process_s']:.2f})"
+        lines.append(f"| {size} GiB | {contender} | {image_format} | {operation} | {seconds} | "
+                     f"{row['bytes'] / MIB:.0f} | {shown_rate} | {versus} | {over} | {outside} | {cpu} | {cpu_over} | "
+                     f"{rss} |")
     return lines
 
 
@@ -202,18 +238,33 @@ def _host_verdicts(host: list[HostSample]) -> list[Verdict]:
     return found
 
 
+def load_note(samples: list[Sample]) -> str:
+    """The machine's 1-minute load average over the run (2 cores shared with other work)."""
+    loads = sorted(s.load1 for s in samples if s.load1 is not None)
+    if not loads:
+        return ""
+    return f" Load average (1 min) at the runs' starts: median {statistics.median(loads):.1f}, " \
+           f"{loads[0]:.1f}–{loads[-1]:.1f}."
+
+
 def render(samples: list[Sample], host: list[HostSample], sizes: list[int], formats: list[str], reps: int,
            machine: str, command: str, wall_minutes: float, cold: bool, cache_note: str) -> str:
     table = medians(samples)
     cache = (f"page cache dropped before every restore ({cache_note})" if cold
              else "restores from the page cache (--warm-restores)")
     lines = [f"Run: `{command}` — {reps} repetition(s), medians; {cache}; whole run {wall_minutes:.1f} min.",
-             "", machine, "",
+             "", machine + load_note(samples), "",
              "*vs disk*: the row's MiB/s over the disk's own O_DIRECT bandwidth measured in the same run "
-             "(read for restores, write for saves). *over module_utils + fixed*: an `ansible` row's time minus "
-             "the module_utils row's minus Ansible's fixed per-task cost (an `ansible.builtin.ping` task, same run). "
+             "(read for restores, write for saves). A module_utils row's seconds are the call; in brackets its "
+             "process from spawn to exit (Python's start-up and our imports too). *over module_utils + fixed*: an "
+             "`ansible` row's time minus the module_utils row's process time minus Ansible's fixed per-task cost "
+             "(an `ansible.builtin.ping` task, same run). "
              "*outside the stream*: the row's time minus the module's own `stats.duration_s` (QEMU streaming the "
-             "image), i.e. everything but the stream: start-up, checks, QMP, fsyncs, Ansible.",
+             "image), i.e. everything but the stream: start-up, checks, QMP, fsyncs, Ansible. *CPU s*: user+sys CPU "
+             "time of the process tree the run started (module_utils: benchmarks/op.py and its helpers; `ansible`: "
+             "the controller, its worker and the module; in brackets the controller and worker alone), not QEMU's. "
+             "*CPU over module_utils + fixed*: the same difference as the seconds, in CPU time: what Ansible costs "
+             "beyond its fixed per-task cost.",
              ""]
     lines += sample_rows(table)
     if host:

@@ -33,11 +33,12 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid as uuidlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
@@ -49,7 +50,9 @@ from harness.libvirt import EmbeddedLibvirt  # noqa: E402
 from harness.paths import CACHE_DIR, VENV_DIR  # noqa: E402
 from harness.processes import Reaper, become_subreaper, kill_and_wait, pid_gone, qemu_processes  # noqa: E402
 from harness.qemu import SYSTEM_QEMU  # noqa: E402
-from integration.ansible_runner import run_module  # noqa: E402
+from integration.ansible_runner import ANSIBLE as ANSIBLE_BIN  # noqa: E402
+from integration.ansible_runner import _environment as ansible_environment  # noqa: E402
+from integration.ansible_runner import _host_result as host_result  # noqa: E402
 from report import (  # noqa: E402
     ANSIBLE, ANSIBLE_FIXED, DISK, OURS, QEMU, VIRSH, HostSample, Sample, render)
 
@@ -128,10 +131,12 @@ class Contenders:
             self.cache.drop(path)
 
     def record(self, contender: str, image_format: str, operation: str, seconds: float, path: Optional[Path],
-               rss_kib: Optional[int] = None, stream_s: Optional[float] = None) -> None:
+               rss_kib: Optional[int] = None, stream_s: Optional[float] = None, cpu_s: Optional[float] = None,
+               load1: Optional[float] = None, module_cpu_s: Optional[float] = None,
+               process_s: Optional[float] = None) -> None:
         size = path.stat().st_size if path is not None else 0
         self.samples.append(Sample(self.size_gib, contender, image_format, operation, seconds, size, rss_kib,
-                                   stream_s))
+                                   stream_s, cpu_s, load1, module_cpu_s, process_s))
 
     def qemu_file(self, image_format: str = "raw") -> None:
         path = self.images / "qemu-own.bin"
@@ -173,11 +178,13 @@ class Contenders:
         restore_args: dict[str, Any] = {"path": str(path)}
         if channels is not None:
             save_args["parallel_channels"] = restore_args["parallel_channels"] = channels
-        seconds, rss, stream = _op("save", save_args)
-        self.record(contender, image_format, "save", seconds, path, rss, stream)
-        self.before_restore(path)
-        seconds, rss, stream = _op("restore", restore_args)
-        self.record(contender, image_format, "restore", seconds, path, rss, stream)
+        for operation, arguments in (("save", save_args), ("restore", restore_args)):
+            if operation == "restore":
+                self.before_restore(path)
+            load = os.getloadavg()[0]
+            run = _op(operation, arguments)
+            self.record(contender, image_format, operation, run.seconds, path, run.rss_kib, run.stream_s, run.cpu_s,
+                        load, process_s=run.process_s)
         path.unlink()
 
     def savestate_ansible(self, image_format: str) -> None:
@@ -186,17 +193,22 @@ class Contenders:
         for operation, arguments in (("save", save_args), ("restore", {"path": str(path)})):
             if operation == "restore":
                 self.before_restore(path)
+            load = os.getloadavg()[0]
             started = time.monotonic()
-            result = _check(run_module(operation, arguments))
+            result, cpu, module_cpu = run_ansible(f"savestate.qemu.{operation}", arguments)
             seconds = time.monotonic() - started
-            self.record(ANSIBLE, image_format, operation, seconds, path, None, _stream_seconds(result))
+            self.record(ANSIBLE, image_format, operation, seconds, path, None, _stream_seconds(result), cpu, load,
+                        module_cpu)
         path.unlink()
 
     def ansible_fixed_cost(self) -> None:
         """Ansible's own cost of one task (start-up, module transfer, result), run exactly as ours are."""
         # ping needs an argument: '-a {}' is a free-form string it refuses, failing before any module runs.
-        seconds = timed(lambda: _check(run_module("ansible.builtin.ping", {"data": "pong"})))
-        self.record(ANSIBLE_FIXED, "-", "task", seconds, None)
+        load = os.getloadavg()[0]
+        started = time.monotonic()
+        cpu, module_cpu = run_ansible("ansible.builtin.ping", {"data": "pong"})[1:]
+        self.record(ANSIBLE_FIXED, "-", "task", time.monotonic() - started, None, cpu_s=cpu, load1=load,
+                    module_cpu_s=module_cpu)
 
     def virsh(self, image_format: str) -> None:
         path = self.images / f"virsh.{image_format}"
@@ -217,6 +229,57 @@ def _connectable(address: str) -> bool:
     return True
 
 
+# The module's interpreter in the bench's ansible runs: the venv's python, then bash's ``times`` (its
+# children's user and sys time: the module and its helpers) into a file. Not in a pipe: a subshell has no children.
+INTERPRETER_WRAPPER = """#!/bin/bash
+"{python}" "$@"
+status=$?
+times > "{times}"
+exit $status
+"""
+
+
+def bash_children_seconds(times_output: str) -> Optional[float]:
+    """user+sys seconds of the children from bash's ``times`` output (its last line: ``0m1.234s 0m0.100s``)."""
+    lines = times_output.strip().splitlines()
+    if not lines:
+        return None
+    total = 0.0
+    for part in lines[-1].split():
+        minutes, seconds = part.rstrip("s").split("m")
+        total += int(minutes) * 60 + float(seconds)
+    return total
+
+
+def run_ansible(module: str, arguments: dict, extra_env: Optional[dict[str, str]] = None
+                ) -> tuple[dict, float, Optional[float]]:
+    """``ansible localhost -m module`` as tests/integration/ansible_runner.py runs it: its result, the CPU
+    time (user+sys) of its process tree (the controller, its worker and the module, all reaped below it)
+    and the module process's own CPU time (with its helpers), None if it did not run.
+
+    wait4 on the ansible process, not getrusage(RUSAGE_CHILDREN): this process is the subreaper of the
+    QEMUs that restores start, and the Reaper thread may reap one (with all its CPU) meanwhile. The module
+    runs through INTERPRETER_WRAPPER, given as the inventory variable: an implicit localhost ignores
+    ANSIBLE_PYTHON_INTERPRETER and runs modules with the controller's own interpreter.
+    """
+    with tempfile.TemporaryDirectory(prefix="ssq-bench-") as scratch_dir:
+        scratch = Path(scratch_dir)
+        result_file, times_file, wrapper = scratch / "results.jsonl", scratch / "module-times", scratch / "python"
+        wrapper.write_text(INTERPRETER_WRAPPER.format(python=VENV_DIR / "bin" / "python", times=times_file))
+        wrapper.chmod(0o700)
+        argv = [str(ANSIBLE_BIN), "localhost", "-m", module, "-a", json.dumps(arguments),
+                "-e", f"ansible_python_interpreter={wrapper}"]
+        with open(scratch / "output", "wb") as output:
+            process = subprocess.Popen(argv, cwd=ROOT, env=ansible_environment(result_file, extra_env),
+                                       stdout=output, stderr=subprocess.STDOUT)
+            status, usage = os.wait4(process.pid, 0)[1:]
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output_text = (scratch / "output").read_text(errors="replace")
+        result = host_result(subprocess.CompletedProcess(argv, process.returncode, output_text, ""), result_file)
+        module_cpu = bash_children_seconds(times_file.read_text()) if times_file.exists() else None
+    return _check(result), usage.ru_utime + usage.ru_stime, module_cpu
+
+
 def _check(result: dict) -> dict:
     if result.get("failed"):
         raise RuntimeError(f"module failed: {result.get('msg')}")
@@ -228,23 +291,37 @@ def _stream_seconds(result: dict) -> Optional[float]:
     return (result.get("stats") or {}).get("duration_s")
 
 
-def _spawn_op(operation: str, arguments: dict) -> subprocess.Popen:
+class OpRun(NamedTuple):
+    """One benchmarks/op.py run."""
+
+    seconds: float              # the save_guest()/restore_guest() call, timed inside the process
+    rss_kib: int                # peak RSS of the process and its helpers
+    stream_s: Optional[float]   # the operation's own stats.duration_s
+    cpu_s: float                # user+sys CPU of the process and its helpers
+    process_s: float            # from spawning the process to its exit: start-up and imports included
+
+
+def _spawn_op(operation: str, arguments: dict) -> tuple[subprocess.Popen, float]:
+    started = time.monotonic()
     return subprocess.Popen([str(VENV_DIR / "bin" / "python"), str(ROOT / "benchmarks" / "op.py"),
-                             operation, json.dumps(arguments)], stdout=subprocess.PIPE, text=True)
+                             operation, json.dumps(arguments)], stdout=subprocess.PIPE, text=True), started
 
 
-def _finish_op(process: subprocess.Popen, operation: str) -> tuple[float, int, Optional[float]]:
-    """Wait for one benchmarks/op.py; return its duration, its peak RSS in KiB and the stream's duration."""
+def _finish_op(spawned: tuple[subprocess.Popen, float], operation: str) -> OpRun:
+    """Wait for one benchmarks/op.py and say what it took."""
+    process, started = spawned
     output = process.stdout.read()
     status, usage = os.wait4(process.pid, 0)[1:]
+    ended = time.monotonic()
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise RuntimeError(f"benchmarks/op.py {operation} failed")
     result = json.loads(output)
-    return result["seconds"], usage.ru_maxrss, _stream_seconds(result)
+    return OpRun(result["seconds"], usage.ru_maxrss, _stream_seconds(result), usage.ru_utime + usage.ru_stime,
+                 ended - started)
 
 
-def _op(operation: str, arguments: dict) -> tuple[float, int, Optional[float]]:
+def _op(operation: str, arguments: dict) -> OpRun:
     return _finish_op(_spawn_op(operation, arguments), operation)
 
 
@@ -284,6 +361,19 @@ def boot_pair(size_gib: int, workdir: Path, reaper: Reaper) -> tuple[Guest, Embe
     return guest, libvirt, libvirt_name
 
 
+def rotated(contenders: Contenders, image_format: str, rep: int) -> list[Callable[[], None]]:
+    """module_utils, virsh and ansible in an order that turns with the repetition.
+
+    In a fixed order the `ansible` rows always ran right after virsh's restore (a freshly
+    started libvirt guest, its image just read into the page cache) and the module_utils
+    rows never did: an order effect, not an Ansible cost, could land on one contender.
+    """
+    order = [lambda: contenders.savestate_module_utils(image_format), lambda: contenders.virsh(image_format),
+             lambda: contenders.savestate_ansible(image_format)]
+    shift = rep % len(order)
+    return order[shift:] + order[:shift]
+
+
 def bench_size(args: argparse.Namespace, size: int, workdir: Path, images: Path, reaper: Reaper,
                samples: list[Sample], cache: Cache) -> None:
     guest, libvirt, libvirt_name = boot_pair(size, workdir, reaper)
@@ -296,9 +386,8 @@ def bench_size(args: argparse.Namespace, size: int, workdir: Path, images: Path,
             contenders.ansible_fixed_cost()
             contenders.qemu_file()
             for image_format in args.formats:
-                contenders.savestate_module_utils(image_format)
-                contenders.virsh(image_format)
-                contenders.savestate_ansible(image_format)
+                for run_contender in rotated(contenders, image_format, rep):
+                    run_contender()
                 if image_format == "sparse":
                     for channels in args.sparse_channels:
                         contenders.savestate_module_utils("sparse", channels)
@@ -327,8 +416,8 @@ def host_round(guests: list[Guest], images: Path, cache: Optional[Cache], parall
         started = time.monotonic()
         if parallel:
             running = [(_spawn_op(op, arguments), op) for op, arguments in batch]
-            for process, op in running:
-                _finish_op(process, op)
+            for spawned, op in running:
+                _finish_op(spawned, op)
         else:
             for op, arguments in batch:
                 _op(op, arguments)
