@@ -14,7 +14,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._emulator_info impo
 DOCUMENTATION = r"""
 name: restore_check
 short_description: Tell the guests an emulator can restore from those it would strand
-version_added: 1.1.0
+version_added: 1.0.0
 author:
   - savestate.qemu contributors
 description:

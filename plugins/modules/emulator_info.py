@@ -8,7 +8,7 @@ from __future__ import annotations
 DOCUMENTATION = r"""
 module: emulator_info
 short_description: Tell what a QEMU emulator can restore (version, machine types, image formats)
-version_added: 1.1.0
+version_added: 1.0.0
 description:
   - Asks QEMU system emulators of the host for their version (C(-version)) and machine types
     (C(-machine help), aliases included), and says which save image formats each can load on this host.
