@@ -134,7 +134,6 @@ class SaveOutcome(Outcome):
 # --- finding the guest --------------------------------------------------------------
 
 
-
 def locate_guest(request: SaveRequest, scan: GuestScan = scan_guests) -> Optional[ActiveGuest]:
     """The one active guest every identifier given points at, or None if none does.
 
