@@ -64,8 +64,8 @@ def estimate(output: str) -> re.Match[str]:
 
 
 def test_drain_and_restore_report_each_guest_and_check_mode_estimates(
-        guest_factory: Callable[..., Guest], workdir: Path) -> None:
-    guests = [guest_factory(GuestSpec(name=name, memory_mib=128)) for name in NAMES]
+        qemu, guest_factory: Callable[..., Guest], workdir: Path) -> None:
+    guests = [guest_factory(GuestSpec(name=name, qemu=qemu, memory_mib=128)) for name in NAMES]
     images = workdir / "images"
     drain = {"host_drain_dir": str(images), "host_drain_guests": list(NAMES)}
 
