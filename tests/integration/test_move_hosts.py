@@ -79,6 +79,8 @@ def _no_key_left(fleet: Fleet, *hosts: str) -> None:
         assert KEY_MARKER not in keys, f"a move key is still authorized on {name}: {keys}"
         left = fleet[name].ssh("ls -d /tmp/savestate-move.* 2>/dev/null").stdout.strip()
         assert not left, f"the move's key directory is still on {name}: {left}"
+        follower = fleet[name].ssh("ls /run/savestate-move-*.py 2>/dev/null").stdout.strip()
+        assert not follower, f"the move's follower is still on {name}: {follower}"
 
 
 def _images(fleet: Fleet, host: str) -> list[str]:
@@ -119,7 +121,8 @@ def test_move_there_and_back_over_ssh(testbed: Fleet, testbed_guest: Callable[..
     assert "already moved" in again.stdout
 
     moved.wait_tick_above(moved.last_tick())
-    _move(testbed, guest.name, "hv2", "hv1").check()
+    # Back without the overlap: the destination pulls the finished image.
+    _move(testbed, guest.name, "hv2", "hv1", guest_move_overlap=False).check()
     assert moved.pids() == [] and len(guest.pids()) == 1
     _continued_on(guest, moved)
     _no_key_left(testbed, "hv1", "hv2")
@@ -156,6 +159,65 @@ def test_move_refused_before_the_save_when_the_destination_lacks_the_disk(
     assert guest.pids() == pids
     guest.assert_continued(before)
     _no_key_left(testbed, "hv1", "hv2")
+
+
+OVERLAP_PLAY = MOVE_PLAY + """
+    - name: Say what the follower reported
+      ansible.builtin.debug:
+        msg: >-
+          OVERLAP bytes={{ guest_move_result.bytes }} during_save={{ guest_move_result.overlap.bytes_during_save }}
+          lead_s={{ guest_move_result.overlap.lead_s }}
+"""
+
+
+@dataclass
+class FirstSeen:
+    """When (monotonic) the test first saw the destination's copy hold data, and the source's
+    save renamed into place: polled every 2 ms from outside both hosts."""
+
+    copy: Path
+    image: Path
+    times: dict[str, float] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set() and len(self.times) < 2:
+            now = time.monotonic()
+            with contextlib.suppress(OSError):
+                if "copy" not in self.times and self.copy.stat().st_size > 0:
+                    self.times["copy"] = now
+            if "saved" not in self.times and self.image.exists():
+                self.times["saved"] = now
+            time.sleep(0.002)
+
+
+def test_the_destination_pulls_while_the_save_writes(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) -> None:
+    """guest_move_overlap (the default for raw images): the copy starts before the save is over, and
+    what arrives is the image (the guest goes on where it stopped)."""
+    name = "ssq-mvh5"
+    guest = testbed_guest("hv1", name, fill_mib=384)
+    _prepare(testbed, "hv2")
+    guest.wait_tick_above(1)
+    seen = FirstSeen(testbed["hv2"].path(f"{MOVE_DIR}/.{name}.save.partial"), testbed["hv1"].path(f"{MOVE_DIR}/{name}.save"))
+    watcher = threading.Thread(target=seen.run, daemon=True)
+    watcher.start()
+    try:
+        run = testbed.run_playbook(OVERLAP_PLAY, {"move_guest": name, "move_from": "hv1", "move_to": "hv2",
+                                                 "savestate_qemu_image_key": IMAGE_KEY}, timeout=900).check()
+    finally:
+        seen.stop.set()
+        watcher.join()
+    moved = guest.on(testbed["hv2"])
+    assert guest.pids() == [] and len(moved.pids()) == 1
+    _continued_on(moved, guest)
+    report = dict(re.findall(r"(bytes|during_save|lead_s)=([-0-9.]+)", run.stdout))
+    assert int(report["bytes"]) > 384 << 20, run.stdout[-2000:]
+    # The follower sent bytes while the save was still writing, and its first byte went out before the
+    # save was over; seen from outside, the copy on hv2 held data before the image on hv1 was in place.
+    assert int(report["during_save"]) > 0 and float(report["lead_s"]) > 0, report
+    assert seen.times["copy"] < seen.times["saved"], seen.times
+    _no_key_left(testbed, "hv1", "hv2")
+    assert _images(testbed, "hv1") == [] and _images(testbed, "hv2") == []
 
 
 def _pids_matching(pattern: bytes) -> list[int]:
