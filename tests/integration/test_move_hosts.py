@@ -211,6 +211,7 @@ def test_the_destination_pulls_while_the_save_writes(testbed: Fleet, testbed_gue
     assert guest.pids() == [] and len(moved.pids()) == 1
     _continued_on(moved, guest)
     report = dict(re.findall(r"(bytes|during_save|lead_s)=([-0-9.]+)", run.stdout))
+    print(f"MOVE OVERLAP {report} copy started {seen.times['saved'] - seen.times['copy']:.3f} s before the save's rename")
     assert int(report["bytes"]) > 384 << 20, run.stdout[-2000:]
     # The follower sent bytes while the save was still writing, and its first byte went out before the
     # save was over; seen from outside, the copy on hv2 held data before the image on hv1 was in place.

@@ -261,7 +261,7 @@ def head_length(header: bytes) -> int:
     if len(header) < HEADER_SIZE:
         raise FollowError("the image is too short to hold a save header")
     for order in ("<", ">"):
-        version, data_len = struct.unpack(order + "2I", header[16:24])
+        version, data_len = (int(field) for field in struct.unpack(order + "2I", header[16:24]))
         if version in SUPPORTED_VERSIONS:
             if not 0 < data_len <= MAX_DATA_LEN:
                 raise FollowError(f"the image's header is corrupt (data length {data_len})")
