@@ -202,8 +202,8 @@ def test_the_destination_pulls_while_the_save_writes(testbed: Fleet, testbed_gue
     watcher = threading.Thread(target=seen.run, daemon=True)
     watcher.start()
     try:
-        run = testbed.run_playbook(OVERLAP_PLAY, {"move_guest": name, "move_from": "hv1", "move_to": "hv2",
-                                                 "savestate_qemu_image_key": IMAGE_KEY}, timeout=900).check()
+        extra = {"move_guest": name, "move_from": "hv1", "move_to": "hv2", "savestate_qemu_image_key": IMAGE_KEY}
+        run = testbed.run_playbook(OVERLAP_PLAY, extra, timeout=900).check()
     finally:
         seen.stop.set()
         watcher.join()

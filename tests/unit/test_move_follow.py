@@ -173,7 +173,7 @@ def test_a_save_that_ended_before_the_follower_looked_is_sent_whole(image: Path,
 def test_a_failed_save_fails_the_follower(image: Path, now_ns: int) -> None:
     save = Save(image, pieces=4, outcome="failed")
     save.start()
-    _, _, error = _follow(image, now_ns)
+    _report, _sent, error = _follow(image, now_ns)
     save.join()
     assert error is not None and "removed its file: the save failed" in str(error)
     assert not image.exists()
@@ -184,7 +184,7 @@ def test_a_save_that_stops_writing_fails_the_follower_after_the_timeout(image: P
     save.start()
     started = time.monotonic()
     try:
-        _, sent, error = _follow(image, now_ns, timeout=0.5)
+        _report, sent, error = _follow(image, now_ns, timeout=0.5)
     finally:
         save.release.set()
         save.join()
@@ -195,7 +195,7 @@ def test_a_save_that_stops_writing_fails_the_follower_after_the_timeout(image: P
 
 def test_no_save_fails_after_the_timeout(image: Path, now_ns: int) -> None:
     image.parent.joinpath("unrelated.partial").write_bytes(MAGIC_PARTIAL + bytes(200))
-    _, sent, error = _follow(image, now_ns, timeout=0.3)
+    _report, sent, error = _follow(image, now_ns, timeout=0.3)
     assert error is not None and "no save of ssq-follow.save started within 0.3 s" in str(error)
     assert sent == b""
 
@@ -203,7 +203,7 @@ def test_no_save_fails_after_the_timeout(image: Path, now_ns: int) -> None:
 def test_a_file_renamed_into_place_without_the_final_magic_is_refused(image: Path, now_ns: int) -> None:
     save = Save(image, pieces=3, outcome="unsealed")
     save.start()
-    _, _, error = _follow(image, now_ns)
+    _report, _sent, error = _follow(image, now_ns)
     save.join()
     assert error is not None and "not marked complete" in str(error)
 
@@ -220,26 +220,26 @@ def _secret(tmp_path: Path) -> Path:
 
 def test_a_symlink_named_like_the_saves_file_is_not_followed(image: Path, tmp_path: Path, now_ns: int) -> None:
     (image.parent / f".{image.name}.abcd1234.partial").symlink_to(_secret(tmp_path))
-    _, sent, error = _follow(image, now_ns, timeout=0.3)
+    _report, sent, error = _follow(image, now_ns, timeout=0.3)
     assert error is not None and b"SECRET" not in sent
     # ... and the real save beside it is followed.
     save = Save(image)
     save.start()
-    _, sent, error = _follow(image, now_ns)
+    _report, sent, error = _follow(image, now_ns)
     save.join()
     assert error is None and sent == _as_streamed(image.read_bytes())
 
 
 def test_a_hard_link_named_like_the_saves_file_is_not_followed(image: Path, tmp_path: Path, now_ns: int) -> None:
     os.link(_secret(tmp_path), image.parent / f".{image.name}.abcd1234.partial")
-    _, sent, error = _follow(image, now_ns, timeout=0.3)
+    _report, sent, error = _follow(image, now_ns, timeout=0.3)
     assert error is not None and b"SECRET" not in sent
 
 
 def test_a_fifo_named_like_the_saves_file_does_not_hang_the_follower(image: Path, now_ns: int) -> None:
     os.mkfifo(image.parent / f".{image.name}.abcd1234.partial")
     started = time.monotonic()
-    _, _, error = _follow(image, now_ns, timeout=0.3)
+    _report, _sent, error = _follow(image, now_ns, timeout=0.3)
     assert error is not None and time.monotonic() - started < 5
 
 
@@ -247,7 +247,7 @@ def test_a_symlink_at_the_images_name_is_not_sent(image: Path, tmp_path: Path, n
     secret = tmp_path / "secret-final"
     secret.write_bytes(MAGIC_COMPLETE + b"SECRET" * 1000)
     image.symlink_to(secret)
-    _, sent, error = _follow(image, now_ns, timeout=0.3)
+    _report, sent, error = _follow(image, now_ns, timeout=0.3)
     assert error is not None and b"SECRET" not in sent
     with pytest.raises(mf.FollowError, match="not a regular file"):
         mf.head(str(image), os.open(os.devnull, os.O_WRONLY))
@@ -260,11 +260,11 @@ def test_a_stale_partial_is_ignored_and_the_new_save_followed(image: Path, now_n
     image.write_bytes(MAGIC_COMPLETE + b"OLDIMAGE" * 1000)
     for old in (stale, image):
         os.utime(old, ns=(now_ns - 60 * 10**9, now_ns - 60 * 10**9))
-    _, sent, error = _follow(image, now_ns, timeout=0.3)
+    _report, sent, error = _follow(image, now_ns, timeout=0.3)
     assert error is not None and "no save" in str(error) and sent == b""
     save = Save(image)
     save.start()
-    _, sent, error = _follow(image, now_ns)
+    _report, sent, error = _follow(image, now_ns)
     save.join()
     assert error is None and sent == _as_streamed(image.read_bytes()) and b"STALE" not in sent
 
@@ -272,14 +272,14 @@ def test_a_stale_partial_is_ignored_and_the_new_save_followed(image: Path, now_n
 def test_two_saves_at_once_are_refused(image: Path, now_ns: int) -> None:
     for name in ("aaaaaaaa", "bbbbbbbb"):
         (image.parent / f".{image.name}.{name}.partial").write_bytes(MAGIC_PARTIAL + bytes(500))
-    _, sent, error = _follow(image, now_ns, timeout=0.3)
+    _report, sent, error = _follow(image, now_ns, timeout=0.3)
     assert error is not None and "several saves" in str(error) and sent == b""
 
 
 def test_a_partial_of_another_image_is_not_followed(image: Path, now_ns: int) -> None:
     other = Save(image.parent / "other.save", pieces=30, pause=0.01)
     other.start()
-    _, sent, error = _follow(image, now_ns, timeout=0.3)
+    _report, sent, error = _follow(image, now_ns, timeout=0.3)
     other.join()
     assert error is not None and sent == b""
 
@@ -345,7 +345,7 @@ def test_a_destination_that_stops_reading_ends_the_follower(image: Path, now_ns:
     assert process.stdout is not None
     process.stdout.read(4096)
     process.stdout.close()  # the destination went away mid-transfer
-    _, errors = process.communicate(timeout=30)
+    errors = process.communicate(timeout=30)[1]
     save.join()
     assert process.returncode == 1 and errors == b"savestate-move-follow: the destination stopped reading\n"
     assert image.read_bytes().startswith(MAGIC_COMPLETE)  # the save was not disturbed
