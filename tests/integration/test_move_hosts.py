@@ -12,7 +12,8 @@ Run serialized: ``flock /tmp/savestate-integration.lock ../.venv/bin/pytest
 integration/test_move_hosts.py -q -p no:xdist``. ``SAVESTATE_MOVE_FIGURES=1`` also runs the
 1 GiB measurement (``SAVESTATE_MOVE_FIGURES_MIB``: another size): rounds
 (``SAVESTATE_MOVE_FIGURES_ROUNDS``, default 1) of moves there and back with the role and by
-hand (save + scp + restore), interleaved so that both see the same load.
+hand (save + scp + restore), interleaved so that both see the same load
+(``SAVESTATE_MOVE_FIGURES_COMPARE=1``: also the role without ``guest_move_overlap``).
 """
 
 from __future__ import annotations
@@ -406,21 +407,28 @@ def test_figures(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) 
     on = {"hv1": guest, "hv2": guest.on(testbed["hv2"])}
     figures: list[dict[str, Any]] = []
 
-    def by_role(source: str, destination: str, transfer: str = "ssh") -> None:
+    def by_role(source: str, destination: str, transfer: str = "ssh", overlap: bool = True) -> None:
         on[source].wait_tick_above(on[source].last_tick())
         with Sampler.around(testbed, ["hv1", "hv2"]) as sampler:
             wall, down = _downtime(on[source], on[destination],
-                                   lambda: _move(testbed, guest.name, source, destination, guest_move_transfer=transfer).check())
-        figures.append({"move": f"{transfer} {source}->{destination}", **_figure(wall, down, sampler)})
+                                   lambda: _move(testbed, guest.name, source, destination, guest_move_transfer=transfer,
+                                                 guest_move_overlap=overlap).check())
+        label = transfer if overlap or transfer != "ssh" else "ssh-no-overlap"
+        figures.append({"move": f"{label} {source}->{destination}", **_figure(wall, down, sampler)})
 
     def by_hand(source: str, destination: str) -> None:
         figures.append({"move": f"manual {source}->{destination}", **_manual(testbed, on, source, destination)})
 
+    # SAVESTATE_MOVE_FIGURES_COMPARE=1: each round also moves there and back without guest_move_overlap.
+    compare = bool(os.environ.get("SAVESTATE_MOVE_FIGURES_COMPARE"))
     for _round in range(rounds):  # the role first: it installs the fleet's image key on both hosts
         by_role("hv1", "hv2")
         by_hand("hv2", "hv1")
         by_hand("hv1", "hv2")
         by_role("hv2", "hv1")
+        if compare:
+            by_role("hv1", "hv2", overlap=False)
+            by_role("hv2", "hv1", overlap=False)
     by_role("hv1", "hv2", "controller")
     print("MOVE FIGURES " + json.dumps(figures))
 
