@@ -12,7 +12,8 @@ Run serialized: ``flock /tmp/savestate-integration.lock ../.venv/bin/pytest
 integration/test_move_hosts.py -q -p no:xdist``. ``SAVESTATE_MOVE_FIGURES=1`` also runs the
 1 GiB measurement (``SAVESTATE_MOVE_FIGURES_MIB``: another size): rounds
 (``SAVESTATE_MOVE_FIGURES_ROUNDS``, default 1) of moves there and back with the role and by
-hand (save + scp + restore), interleaved so that both see the same load.
+hand (save + scp + restore), interleaved so that both see the same load
+(``SAVESTATE_MOVE_FIGURES_COMPARE=1``: also the role without ``guest_move_overlap``).
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ def _no_key_left(fleet: Fleet, *hosts: str) -> None:
         assert KEY_MARKER not in keys, f"a move key is still authorized on {name}: {keys}"
         left = fleet[name].ssh("ls -d /tmp/savestate-move.* 2>/dev/null").stdout.strip()
         assert not left, f"the move's key directory is still on {name}: {left}"
+        follower = fleet[name].ssh("ls /run/savestate-move-*.py 2>/dev/null").stdout.strip()
+        assert not follower, f"the move's follower is still on {name}: {follower}"
 
 
 def _images(fleet: Fleet, host: str) -> list[str]:
@@ -119,7 +122,8 @@ def test_move_there_and_back_over_ssh(testbed: Fleet, testbed_guest: Callable[..
     assert "already moved" in again.stdout
 
     moved.wait_tick_above(moved.last_tick())
-    _move(testbed, guest.name, "hv2", "hv1").check()
+    # Back without the overlap: the destination pulls the finished image.
+    _move(testbed, guest.name, "hv2", "hv1", guest_move_overlap=False).check()
     assert moved.pids() == [] and len(guest.pids()) == 1
     _continued_on(guest, moved)
     _no_key_left(testbed, "hv1", "hv2")
@@ -156,6 +160,66 @@ def test_move_refused_before_the_save_when_the_destination_lacks_the_disk(
     assert guest.pids() == pids
     guest.assert_continued(before)
     _no_key_left(testbed, "hv1", "hv2")
+
+
+OVERLAP_PLAY = MOVE_PLAY + """
+    - name: Say what the follower reported
+      ansible.builtin.debug:
+        msg: >-
+          OVERLAP bytes={{ guest_move_result.bytes }} during_save={{ guest_move_result.overlap.bytes_during_save }}
+          lead_s={{ guest_move_result.overlap.lead_s }}
+"""
+
+
+@dataclass
+class FirstSeen:
+    """When (monotonic) the test first saw the destination's copy hold data, and the source's
+    save renamed into place: polled every 2 ms from outside both hosts."""
+
+    copy: Path
+    image: Path
+    times: dict[str, float] = field(default_factory=dict)
+    stop: threading.Event = field(default_factory=threading.Event)
+
+    def run(self) -> None:
+        while not self.stop.is_set() and len(self.times) < 2:
+            now = time.monotonic()
+            with contextlib.suppress(OSError):
+                if "copy" not in self.times and self.copy.stat().st_size > 0:
+                    self.times["copy"] = now
+            if "saved" not in self.times and self.image.exists():
+                self.times["saved"] = now
+            time.sleep(0.002)
+
+
+def test_the_destination_pulls_while_the_save_writes(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) -> None:
+    """guest_move_overlap (the default for raw images): the copy starts before the save is over, and
+    what arrives is the image (the guest goes on where it stopped)."""
+    name = "ssq-mvh5"
+    guest = testbed_guest("hv1", name, fill_mib=384)
+    _prepare(testbed, "hv2")
+    guest.wait_tick_above(1)
+    seen = FirstSeen(testbed["hv2"].path(f"{MOVE_DIR}/.{name}.save.partial"), testbed["hv1"].path(f"{MOVE_DIR}/{name}.save"))
+    watcher = threading.Thread(target=seen.run, daemon=True)
+    watcher.start()
+    try:
+        extra = {"move_guest": name, "move_from": "hv1", "move_to": "hv2", "savestate_qemu_image_key": IMAGE_KEY}
+        run = testbed.run_playbook(OVERLAP_PLAY, extra, timeout=900).check()
+    finally:
+        seen.stop.set()
+        watcher.join()
+    moved = guest.on(testbed["hv2"])
+    assert guest.pids() == [] and len(moved.pids()) == 1
+    _continued_on(moved, guest)
+    report = dict(re.findall(r"(bytes|during_save|lead_s)=([-0-9.]+)", run.stdout))
+    print(f"MOVE OVERLAP {report} copy started {seen.times['saved'] - seen.times['copy']:.3f} s before the save's rename")
+    assert int(report["bytes"]) > 384 << 20, run.stdout[-2000:]
+    # The follower sent bytes while the save was still writing, and its first byte went out before the
+    # save was over; seen from outside, the copy on hv2 held data before the image on hv1 was in place.
+    assert int(report["during_save"]) > 0 and float(report["lead_s"]) > 0, report
+    assert seen.times["copy"] < seen.times["saved"], seen.times
+    _no_key_left(testbed, "hv1", "hv2")
+    assert _images(testbed, "hv1") == [] and _images(testbed, "hv2") == []
 
 
 def _pids_matching(pattern: bytes) -> list[int]:
@@ -343,21 +407,28 @@ def test_figures(testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest]) 
     on = {"hv1": guest, "hv2": guest.on(testbed["hv2"])}
     figures: list[dict[str, Any]] = []
 
-    def by_role(source: str, destination: str, transfer: str = "ssh") -> None:
+    def by_role(source: str, destination: str, transfer: str = "ssh", overlap: bool = True) -> None:
         on[source].wait_tick_above(on[source].last_tick())
         with Sampler.around(testbed, ["hv1", "hv2"]) as sampler:
             wall, down = _downtime(on[source], on[destination],
-                                   lambda: _move(testbed, guest.name, source, destination, guest_move_transfer=transfer).check())
-        figures.append({"move": f"{transfer} {source}->{destination}", **_figure(wall, down, sampler)})
+                                   lambda: _move(testbed, guest.name, source, destination, guest_move_transfer=transfer,
+                                                 guest_move_overlap=overlap).check())
+        label = transfer if overlap or transfer != "ssh" else "ssh-no-overlap"
+        figures.append({"move": f"{label} {source}->{destination}", **_figure(wall, down, sampler)})
 
     def by_hand(source: str, destination: str) -> None:
         figures.append({"move": f"manual {source}->{destination}", **_manual(testbed, on, source, destination)})
 
+    # SAVESTATE_MOVE_FIGURES_COMPARE=1: each round also moves there and back without guest_move_overlap.
+    compare = bool(os.environ.get("SAVESTATE_MOVE_FIGURES_COMPARE"))
     for _round in range(rounds):  # the role first: it installs the fleet's image key on both hosts
         by_role("hv1", "hv2")
         by_hand("hv2", "hv1")
         by_hand("hv1", "hv2")
         by_role("hv2", "hv1")
+        if compare:
+            by_role("hv1", "hv2", overlap=False)
+            by_role("hv2", "hv1", overlap=False)
     by_role("hv1", "hv2", "controller")
     print("MOVE FIGURES " + json.dumps(figures))
 
