@@ -568,6 +568,9 @@ def _amount(size: Any) -> str:
 def job_lines(results: Iterable[Mapping[str, Any]], host: str, role: str) -> list[str]:
     """One line per finished job of a round: ``HOST: GUEST saved: N bytes (M MiB) in S s, R MiB/s``.
 
+    With ``host`` empty the lines start with the guest (the roles' wait loops label each
+    job's line with it the moment the job is seen finished).
+
     ``results`` are the round's async_status results; the figures are the module's
     ``stats`` (a job without them, an idempotent one, says so). A failed job's line
     carries the start of its message; the summary at the end has all of it.
@@ -575,17 +578,17 @@ def job_lines(results: Iterable[Mapping[str, Any]], host: str, role: str) -> lis
     done, verb = _VERBS[role]
     lines = []
     for result in results:
-        name = _job(result).get("name") or "(unnamed)"
+        name = (f"{host}: " if host else "") + (_job(result).get("name") or "(unnamed)")
         stats: Mapping[str, Any] = result["stats"] if isinstance(result.get("stats"), Mapping) else {}
         if not _job_succeeded(result):
             why = _job_message(result, None) if result.get("msg") or result.get("finished", True) \
                 else "the job did not finish within its timeout"
-            lines.append(f"{host}: {name} failed: {_short(why)}")
+            lines.append(f"{name} failed: {_short(why)}")
         elif stats.get("bytes") is not None and stats.get("duration_s") is not None:
-            lines.append(f"{host}: {name} {done}: {_amount(stats['bytes'])} in {float(stats['duration_s']):.3f} s, "
+            lines.append(f"{name} {done}: {_amount(stats['bytes'])} in {float(stats['duration_s']):.3f} s, "
                          f"{_number(stats.get('throughput_mib_s'))} MiB/s")
         else:
-            lines.append(f"{host}: {name}: {_short(result.get('msg')) or f'nothing to {verb}'}")
+            lines.append(f"{name}: {_short(result.get('msg')) or f'nothing to {verb}'}")
     return lines
 
 

@@ -18,7 +18,8 @@ description:
   - "For each job: C(HOST: GUEST saved: BYTES bytes (MIB MiB) in SECONDS s, RATE MiB/s) (or C(restored)), from the
     C(stats) of M(savestate.qemu.save) or M(savestate.qemu.restore); C(HOST: GUEST failed: MESSAGE) for a job that
     failed or did not finish (the message cut to 160 characters; the role's summary has it whole)."
-  - Used by the P(savestate.qemu.host_drain#role) and P(savestate.qemu.host_restore#role) roles after each round.
+  - Used by the P(savestate.qemu.host_drain#role) and P(savestate.qemu.host_restore#role) roles as the label of each
+    job in their wait loops (printed the moment the job is seen finished, without the host) and after each round.
 options:
   _input:
     description: The round's C(ansible.builtin.async_status) results (each with the start result's C(item.item), the guest).
@@ -26,7 +27,7 @@ options:
     required: true
     elements: raw
   host:
-    description: The host's name, at the start of every line.
+    description: The host's name, at the start of every line; empty, the lines start with the guest.
     type: str
     required: true
   role:

@@ -30,6 +30,8 @@ JOB = re.compile(r'"localhost: (?P<name>ssq-progress-[ab]) (?P<verb>saved|restor
                  r'\((?P<mib>[\d.]+) MiB\) in (?P<seconds>[\d.]+) s, (?P<rate>[\d.]+) MiB/s"')
 TOTAL = re.compile(r'"localhost: (?P<role>drain|restore) total: (?P<ok>\d+) ok, (?P<failed>\d+) failed; '
                    r'(?P<bytes>\d+) bytes \([\d.]+ MiB\) in (?P<wall>[\d.]+) s wall, (?P<rate>[\d.]+) MiB/s aggregate"')
+# The wait loop labels each job with its line the moment it is seen finished.
+LABEL = re.compile(r"\(item=(?P<name>ssq-progress-[ab]) (?P<verb>saved|restored): (?P<bytes>\d+) bytes ")
 ESTIMATE = re.compile(r'"localhost: drain estimate: about (?P<seconds>[\d.]+) s at most, 2 at a time, at '
                       r'(?P<rate>[\d.]+) MiB/s \((?P<basis>[^)]*)\)"')
 
@@ -43,6 +45,11 @@ def job_lines(output: str, verb: str) -> dict[str, dict[str, float]]:
         assert abs(rate - size / MIB / seconds) <= max(0.5, rate * 0.02), match.group(0)  # rounded figures
         found[match["name"]] = {"bytes": size, "seconds": seconds, "rate": rate}
     return found
+
+
+def labels(output: str, verb: str, lines: dict[str, dict[str, float]]) -> None:
+    found = {match["name"]: int(match["bytes"]) for match in LABEL.finditer(output) if match["verb"] == verb}
+    assert found == {name: line["bytes"] for name, line in lines.items()}, output
 
 
 def totals(output: str, role: str, lines: dict[str, dict[str, float]]) -> None:
@@ -84,6 +91,7 @@ def test_drain_and_restore_report_each_guest_and_check_mode_estimates(
     assert set(saved) == set(NAMES), run.stdout
     for name, line in saved.items():
         assert line["bytes"] == (images / f"{name}.save").stat().st_size
+    labels(run.stdout, "saved", saved)
     totals(run.stdout, "drain", saved)
     manifest = json.loads((images / "savestate-manifest.json").read_text())
     assert {g["name"]: g["size"] for g in manifest["guests"]} == {n: line["bytes"] for n, line in saved.items()}
@@ -95,6 +103,7 @@ def test_drain_and_restore_report_each_guest_and_check_mode_estimates(
     assert back.returncode == 0, back.stdout + back.stderr
     restored = job_lines(back.stdout, "restored")
     assert {name: line["bytes"] for name, line in restored.items()} == {n: line["bytes"] for n, line in saved.items()}
+    labels(back.stdout, "restored", restored)
     totals(back.stdout, "restore", restored)
     for guest in guests:
         assert_continued(guest, ticks[guest.spec.name])

@@ -51,6 +51,13 @@ def test_one_line_per_guest_with_the_module_figures() -> None:
     assert job_lines([], "h", "drain") == []
 
 
+def test_without_a_host_a_line_starts_with_the_guest() -> None:
+    # The roles' wait loops label each finished job with its line; Ansible prints the host itself.
+    line = job_lines([done(guest("web1"), MIB, 0.5)], "", "drain")[0]
+    assert line == "web1 saved: 1048576 bytes (1.0 MiB) in 0.500 s, 2.0 MiB/s"
+    assert job_lines([job(guest("db1"), failed=True, msg="boom")], "", "restore") == ["db1 failed: boom"]
+
+
 def test_the_totals_count_what_this_run_did_over_the_wall_time() -> None:
     a, b, c = guest("a"), guest("b"), guest("c")
     rows = drain_rows([done(a, 100 * MIB, 1.0), done(b, 50 * MIB, 0.5), job(c, failed=True, msg="no")], [],
