@@ -235,6 +235,23 @@ def _host_verdicts(host: list[HostSample]) -> list[Verdict]:
                              _ratio(parallel[1], disk[1]) if parallel and disk else None, 0.8, True))
         found.append(Verdict(f"4 guests {operation}: one after another / in parallel (wall)",
                              _ratio(serial[0], parallel[0]) if parallel and serial else None, 1.5, True))
+        found += _role_verdicts(host, operation, disk)
+    return found
+
+
+def _role_verdicts(host: list[HostSample], operation: str, disk: Optional[tuple[float, float]]) -> list[Verdict]:
+    """The same two targets through host_drain / host_restore, at each concurrency measured above 1."""
+    role = "host_drain" if operation == "drain" else "host_restore"
+    serial = _host_median(host, operation, "roles, concurrency 1")
+    found = []
+    for mode in sorted({s.mode for s in host if s.mode.startswith("roles, concurrency ")} - {"roles, concurrency 1"}):
+        measured = _host_median(host, operation, mode)
+        level = mode.rsplit(" ", 1)[1]
+        found.append(Verdict(f"4 guests through {role}, concurrency {level}: aggregate / dd "
+                             f"{'write' if operation == 'drain' else 'read'} bandwidth",
+                             _ratio(measured[1], disk[1]) if measured and disk else None, 0.8, True))
+        found.append(Verdict(f"4 guests through {role}: concurrency 1 / concurrency {level} (wall)",
+                             _ratio(serial[0], measured[0]) if measured and serial else None, 1.5, True))
     return found
 
 
@@ -268,8 +285,9 @@ def render(samples: list[Sample], host: list[HostSample], sizes: list[int], form
              ""]
     lines += sample_rows(table)
     if host:
-        lines += ["", "Whole host (4 guests of 1 GiB, RAM filled; module_utils processes, raw format; restores "
-                  + ("cold" if cold else "warm") + "):", ""]
+        lines += ["", "Whole host (4 guests of 1 GiB, RAM filled; raw format; restores " + ("cold" if cold else "warm")
+                  + "; *in parallel* / *one after another*: module_utils processes; *roles*: ansible-playbook with "
+                  "host_drain / host_restore, their defaults but the concurrency, start-up included):", ""]
         lines += host_rows(host)
     lines += ["", "Targets (issue 17, ratios of medians in this run):", "",
               "| target | limit | measured | verdict |", "|---|---|---|---|"]

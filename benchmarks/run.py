@@ -16,7 +16,9 @@ random data) one guest is booted under QEMU 10.0 and an equal one under libvirt
 
 Every restore, of every contender, starts cold: the page cache is dropped first
 (``--warm-restores`` keeps it). Then the whole host: 4 guests of 1 GiB drained
-and restored in parallel and one after another (``--host-guests 0`` skips it).
+and restored in parallel and one after another by module_utils processes, then
+through the roles host_drain and host_restore (ansible-playbook) at each
+``--role-concurrency`` (``--host-guests 0`` skips it all).
 Medians and target verdicts go to stdout and into docs/performance.md between the
 bench markers; the prose around them is written by hand.
 """
@@ -429,6 +431,54 @@ def host_round(guests: list[Guest], images: Path, cache: Optional[Cache], parall
         path.unlink()
 
 
+ROLE_PLAYBOOK = """
+- name: Drain or restore this host with a role of the collection (make bench)
+  hosts: localhost
+  gather_facts: false
+  roles:
+    - role: savestate.qemu.{role}
+"""
+
+
+def role_round(guests: list[Guest], directory: Path, cache: Optional[Cache], concurrency: int,
+               host: list[HostSample]) -> None:
+    """host_drain, then host_restore, of every guest through ansible-playbook, ``concurrency`` at a time.
+
+    The wall time is the playbook's, start-up included: what an operator waits for, until the last
+    guest is saved (drain) or runs again (restore). The restore removes the images (its default).
+    """
+    mode = f"roles, concurrency {concurrency}"
+    shutil.rmtree(directory, ignore_errors=True)
+    drain = _playbook(directory.parent / "host_drain.yml", "host_drain", {
+        "host_drain_dir": str(directory), "host_drain_guests": [guest.spec.name for guest in guests],
+        "host_drain_concurrency": concurrency})
+    total = sum(path.stat().st_size for path in directory.glob("*.save"))
+    if cache is not None:
+        cache.drop(None)
+    restore = _playbook(directory.parent / "host_restore.yml", "host_restore", {
+        "host_restore_dir": str(directory), "host_restore_concurrency": concurrency})
+    for operation, seconds in (("drain", drain), ("restore", restore)):
+        host.append(HostSample(mode, operation, len(guests), seconds, total))
+        log(f"{len(guests)} guests {operation} through the role, concurrency {concurrency}: {seconds:.2f} s")
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def _playbook(playbook: Path, role: str, variables: dict[str, Any]) -> float:
+    """Seconds one ansible-playbook run of ``role`` took; it raises with the output if the run failed."""
+    playbook.write_text(ROLE_PLAYBOOK.format(role=role))
+    extra = playbook.with_suffix(".json")
+    extra.write_text(json.dumps(variables))
+    argv = [str(ANSIBLE_BIN) + "-playbook", "-i", "localhost,", "-c", "local",
+            "-e", f"ansible_python_interpreter={VENV_DIR / 'bin' / 'python'}", "-e", f"@{extra}", str(playbook)]
+    started = time.monotonic()
+    done = subprocess.run(argv, cwd=ROOT, env=ansible_environment(playbook.with_suffix(".results"), None),
+                          capture_output=True, text=True, check=False)
+    seconds = time.monotonic() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"{role} failed:\n{done.stdout[-3000:]}\n{done.stderr[-2000:]}")
+    return seconds
+
+
 def bench_host(args: argparse.Namespace, workdir: Path, images: Path, reaper: Reaper, cache: Cache,
                host: list[HostSample]) -> None:
     count = args.host_guests
@@ -449,6 +499,8 @@ def bench_host(args: argparse.Namespace, workdir: Path, images: Path, reaper: Re
             host_cache = None if args.warm_restores else cache
             host_round(guests, images, host_cache, False, host)
             host_round(guests, images, host_cache, True, host)
+            for concurrency in args.role_concurrency:
+                role_round(guests, images / "drain", host_cache, concurrency, host)
     finally:
         for guest in guests:
             guest.stop()
@@ -532,6 +584,9 @@ def main() -> int:
                         help="also run our sparse save/restore with these parallel_channels (e.g. 1,2)")
     parser.add_argument("--host-guests", type=int, default=4,
                         help="guests of 1 GiB for the whole-host drain/restore figures (0 skips them)")
+    parser.add_argument("--role-concurrency", type=_ints, default=[1, 2, 4],
+                        help="host_drain/host_restore of the whole host with these concurrencies (default 1,2,4; "
+                             "'' skips the roles)")
     parser.add_argument("--workdir", default=str(CACHE_DIR / "bench"))
     parser.add_argument("--output", default=str(ROOT / "docs" / "performance.md"),
                         help="markdown file to update between the bench markers ('' to skip)")

@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -220,6 +221,60 @@ def test_the_destination_pulls_while_the_save_writes(testbed: Fleet, testbed_gue
     assert seen.times["copy"] < seen.times["saved"], seen.times
     _no_key_left(testbed, "hv1", "hv2")
     assert _images(testbed, "hv1") == [] and _images(testbed, "hv2") == []
+
+
+def _touch_when_the_save_starts(source_dir: Path, prefix: str, disk: Path, stop: threading.Event) -> None:
+    """Once the save writes its temporary file on the source (the pre-checks are over), move the
+    destination's copy of the disk one second into the future: it no longer is the disk the guest left."""
+    while not stop.is_set():
+        if any(source_dir.glob(f"{prefix}*.partial")):
+            stamp = disk.stat().st_mtime + 1
+            os.utime(disk, (stamp, stamp))
+            return
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlap", "no-overlap"])
+def test_a_disk_copy_on_the_destination_is_checked_as_the_save_left_it(
+        testbed: Fleet, testbed_guest: Callable[..., tb.TestbedGuest], overlap: bool) -> None:
+    """The destination holds a faithful copy of the guest's disk (same size and modification time),
+    so the move goes ahead; when that copy changes during the save, the check after the save
+    (with the overlap: in the copy's finishing command) refuses it and the guest runs on the source
+    again. A second run, with the copy faithful again, moves the guest."""
+    name = f"ssq-mvh6{'o' if overlap else 'n'}"
+    disk = f"{GUESTS_DIR}/{name}.raw"
+    _prepare(testbed, "hv1", "hv2")
+    testbed["hv1"].sh(f"truncate -s 8M {disk}")
+    # A disk the guest does not write (the heartbeat's disk=1 writes every tick): it stays as it
+    # was, so that a copy with its data and modification time is faithful.
+    guest = testbed_guest("hv1", name, memory_mib=256,
+                          extra_args=("-drive", f"file={disk},format=raw,if=virtio,id=disk0"))
+    source_disk, copy = testbed["hv1"].path(disk), testbed["hv2"].path(disk)
+    shutil.copy2(source_disk, copy)  # data and modification time
+    before = guest.wait_tick_above(1)
+
+    stop = threading.Event()
+    toucher = threading.Thread(target=_touch_when_the_save_starts,
+                               args=(testbed["hv1"].path(MOVE_DIR), f".{name}.save.", copy, stop), daemon=True)
+    toucher.start()
+    try:
+        output = _failure(_move(testbed, name, "hv1", "hv2", guest_move_overlap=overlap))
+    finally:
+        stop.set()
+        toucher.join()
+    assert f"does not see the disk {disk} as the guest left it" in output, output[-3000:]
+    assert "restored on hv1 and runs there again" in output, output[-3000:]
+    assert len(guest.pids()) == 1 and guest.on(testbed["hv2"]).pids() == []  # on exactly one host
+    guest.assert_continued(before, timeout=120)
+    assert _images(testbed, "hv2") == [] and _images(testbed, "hv1") == []
+    _no_key_left(testbed, "hv1", "hv2")
+
+    shutil.copy2(source_disk, copy)
+    guest.wait_tick_above(guest.last_tick())
+    _move(testbed, name, "hv1", "hv2", guest_move_overlap=overlap).check()
+    moved = guest.on(testbed["hv2"])
+    assert guest.pids() == [] and len(moved.pids()) == 1
+    _continued_on(moved, guest)
 
 
 def _pids_matching(pattern: bytes) -> list[int]:
