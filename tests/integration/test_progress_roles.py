@@ -32,7 +32,7 @@ TOTAL = re.compile(r'"localhost: (?P<role>drain|restore) total: (?P<ok>\d+) ok, 
                    r'(?P<bytes>\d+) bytes \([\d.]+ MiB\) in (?P<wall>[\d.]+) s wall, (?P<rate>[\d.]+) MiB/s aggregate"')
 # The wait loop labels each job with its line the moment it is seen finished.
 LABEL = re.compile(r"\(item=(?P<name>ssq-progress-[ab]) (?P<verb>saved|restored): (?P<bytes>\d+) bytes ")
-ESTIMATE = re.compile(r'"localhost: drain estimate: about (?P<seconds>[\d.]+) s at most, 2 at a time, at '
+ESTIMATE = re.compile(r'"localhost: drain estimate: about (?P<seconds>[\d.]+) s at most, 4 at a time, at '
                       r'(?P<rate>[\d.]+) MiB/s \((?P<basis>[^)]*)\)"')
 
 
