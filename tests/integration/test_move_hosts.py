@@ -532,7 +532,9 @@ KEY_PLAY = """
         guest_move__source_address: "{{ ansible_host }}"
     - name: Tell the test where the key is
       ansible.builtin.debug:
-        msg: "KEYDIR={{ guest_move__ssh_tmp.path }} MARKER={{ guest_move__key_marker }} CREATED={{ guest_move__key_created.stdout }}"
+        msg: >-
+          KEYDIR={{ guest_move__ssh_tmp.path }} MARKER={{ guest_move__key_marker }}
+          CREATED={{ guest_move__key_created.stdout }} HELPER={{ guest_move__helper }}
 """
 
 CLEANUP_PLAY = """
@@ -550,6 +552,7 @@ CLEANUP_PLAY = """
         guest_move__ssh_tmp: {path: "{{ keydir }}"}
         guest_move__authorized_keys: /root/.ssh/authorized_keys
         guest_move__key_marker: "{{ marker }}"
+        guest_move__helper: "{{ helper }}"
 """
 
 
@@ -562,16 +565,18 @@ def _key_ssh(keydir: str, user: str = "root") -> str:
 
 def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Fleet) -> None:
     hv1, hv2, hv3 = testbed["hv1"], testbed["hv2"], testbed["hv3"]
-    hv1.sh(f"mkdir -p {MOVE_DIR} && echo the-image > {MOVE_DIR}/ssq-key.save && echo secret > /root/secret")
+    hv1.sh(f"mkdir -p {MOVE_DIR} && echo LibvirtQemudSave-the-image > {MOVE_DIR}/ssq-key.save "
+           "&& echo secret > /root/secret")
     run = testbed.run_playbook(KEY_PLAY).check()
     keydir = re.search(r"KEYDIR=(/tmp/savestate-move\.\w+)", run.stdout).group(1)
+    helper = re.search(r"HELPER=(/run/savestate-move-\w+\.py)", run.stdout).group(1)
     line = next(x for x in hv1.sh("cat /root/.ssh/authorized_keys").splitlines() if KEY_MARKER in x)
     assert line.startswith(f'restrict,from="{hv2.address}",expiry-time="') and 'command="' in line
     ssh = _key_ssh(keydir)
     try:
         # Whatever hv2 asks for, it gets the image and nothing else.
-        assert hv2.ssh(f"{ssh} stream").stdout == "the-image\n"
-        assert hv2.ssh(f"{ssh} cat /root/secret").stdout == "the-image\n"
+        assert hv2.ssh(f"{ssh} stream").stdout == "LibvirtQemudSave-the-image\n"
+        assert hv2.ssh(f"{ssh} cat /root/secret").stdout == "LibvirtQemudSave-the-image\n"
         assert "secret" not in hv2.ssh(f"{ssh} -tt bash -c 'cat /root/secret'").stdout
         forward = hv2.ssh(f"timeout 5 {ssh} -N -L 127.0.0.1:2300:127.0.0.1:22 & sleep 2; "
                           "timeout 3 bash -c 'exec 3<>/dev/tcp/127.0.0.1/2300; head -c 20 <&3'; wait")
@@ -588,7 +593,7 @@ def test_the_move_key_can_only_read_the_image_from_the_destination(testbed: Flee
         assert spoof.returncode == 255 and "IDENTIFICATION HAS CHANGED" in spoof.stderr
     finally:
         marker = line.split()[-1]
-        testbed.run_playbook(CLEANUP_PLAY, {"keydir": keydir, "marker": marker}).check()
+        testbed.run_playbook(CLEANUP_PLAY, {"keydir": keydir, "marker": marker, "helper": helper}).check()
         hv3.sh(f"rm -rf {keydir}")
         hv1.sh(f"rm -f {MOVE_DIR}/ssq-key.save /root/secret")
     _no_key_left(testbed, "hv1", "hv2")
@@ -607,7 +612,7 @@ def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None
     The user's login shell is dash: the forced command is POSIX sh."""
     hv1, hv2 = testbed["hv1"], testbed["hv2"]
     hv1.sh("id mover >/dev/null 2>&1 || useradd -m -s /bin/sh mover; rm -rf /home/mover/.ssh; "
-           "mkdir -p /srv/ssq-shared && for i in 1 2; do head -c 3000000 /dev/urandom "
+           "mkdir -p /srv/ssq-shared && for i in 1 2; do { printf LibvirtQemudSave; head -c 3000000 /dev/urandom; } "
            "> /srv/ssq-shared/ssq-sk$i.save; done; chmod -R a+rX /srv/ssq-shared")
     runs: dict[str, PlaybookRun] = {}
     key_vars = {"key_user": "mover", "image_dir": "/srv/ssq-shared"}
@@ -617,7 +622,7 @@ def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None
         thread.start()
     for thread in threads:
         thread.join()
-    found = {i: dict(re.findall(r"(KEYDIR|MARKER|CREATED)=([^\s\"]+)", run.check().stdout)) for i, run in runs.items()}
+    found = {i: dict(re.findall(r"(KEYDIR|MARKER|CREATED|HELPER)=([^\s\"]+)", run.check().stdout)) for i, run in runs.items()}
     try:
         keys = hv1.sh("cat /home/mover/.ssh/authorized_keys")
         for i, seen in found.items():
@@ -631,6 +636,6 @@ def test_moves_from_one_source_share_its_authorized_keys(testbed: Fleet) -> None
         # The run that created the directory cleans up last.
         for seen in sorted(found.values(), key=lambda seen: seen["CREATED"] == "directory"):
             testbed.run_playbook(SHARED_CLEANUP_PLAY, {"keydir": seen["KEYDIR"], "marker": seen["MARKER"],
-                                                       "created": seen["CREATED"]}).check()
+                                                       "created": seen["CREATED"], "helper": seen["HELPER"]}).check()
         hv1.sh("rm -rf /srv/ssq-shared")
     assert not hv1.path("/home/mover/.ssh").exists(), hv1.sh("ls -la /home/mover/.ssh")

@@ -1,5 +1,6 @@
-"""guest_move's follower (roles/guest_move/files/move_follow.py): it sends a save image while
-the save writes it.
+"""guest_move's stream helper (roles/guest_move/files/move_follow.py): on the source it sends
+a save image, finished or while the save writes it; on the destination it writes the copy; both
+ends hash what they move.
 
 A writer thread does what the save does, with the save's own image code: mkstemp
 ``.<name>.XXXXXXXX.partial`` beside the image, the partial-magic header and XML, the stream
@@ -118,13 +119,16 @@ def _follow(image: Path, since_ns: int, timeout: float = 10.0) -> tuple[Optional
     reader = Reader(read_end)
     reader.start()
     report, error = None, None
+    pump = mf.Pump(hashlib.sha256())
     try:
-        report = mf.follow(str(image), since_ns, timeout, write_end)
+        report = mf.follow(str(image), since_ns, timeout, pump, write_end)
     except mf.FollowError as raised:
         error = raised
     finally:
         os.close(write_end)
         reader.join(10)
+    # Whatever went out, the digest is of exactly that.
+    assert pump.digest.hexdigest() == hashlib.sha256(reader.data).hexdigest()
     return report, bytes(reader.data), error
 
 
@@ -250,7 +254,7 @@ def test_a_symlink_at_the_images_name_is_not_sent(image: Path, tmp_path: Path, n
     _report, sent, error = _follow(image, now_ns, timeout=0.3)
     assert error is not None and b"SECRET" not in sent
     with pytest.raises(mf.FollowError, match="not a regular file"):
-        mf.head(str(image), os.open(os.devnull, os.O_WRONLY))
+        mf.head(str(image), mf.Pump(hashlib.sha256()), os.open(os.devnull, os.O_WRONLY))
 
 
 def test_a_stale_partial_is_ignored_and_the_new_save_followed(image: Path, now_ns: int) -> None:
@@ -294,7 +298,7 @@ def test_head_sends_the_finished_header_and_xml(image: Path, now_ns: int) -> Non
     read_end, write_end = os.pipe()
     reader = Reader(read_end)
     reader.start()
-    length = mf.head(str(image), write_end)
+    length = mf.head(str(image), mf.Pump(hashlib.sha256()), write_end)
     os.close(write_end)
     reader.join(5)
     final = image.read_bytes()
@@ -306,7 +310,7 @@ def test_head_refuses_an_unfinished_image(image: Path) -> None:
     write_new_image(fd, XML, None, True, ImageFormat.RAW)
     os.close(fd)
     with pytest.raises(mf.FollowError, match="not a complete save image"):
-        mf.head(str(image), os.open(os.devnull, os.O_WRONLY))
+        mf.head(str(image), mf.Pump(hashlib.sha256()), os.open(os.devnull, os.O_WRONLY))
 
 
 # -- as the forced command runs it ----------------------------------------------------------------
@@ -323,7 +327,74 @@ def test_the_command_line_streams_and_reports(image: Path, now_ns: int) -> None:
     save.join()
     assert run.returncode == 0, run.stderr
     assert hashlib.sha256(run.stdout).digest() == hashlib.sha256(_as_streamed(image.read_bytes())).digest()
-    assert run.stderr.decode().startswith("savestate-move-follow: complete size=")
+    report, digest_line = run.stderr.decode().splitlines()
+    assert report.startswith("savestate-move-follow: complete size=")
+    assert digest_line == f"{hashlib.sha256(run.stdout).hexdigest()} sha256"
+
+
+def _finished(image: Path) -> bytes:
+    save = Save(image, pieces=6, pause=0)
+    save.start()
+    save.join()
+    return image.read_bytes()
+
+
+def test_send_streams_the_finished_image_and_its_digest(image: Path) -> None:
+    final = _finished(image)
+    run = _run("send", "--image", str(image), "--algorithm", "sha512")
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == final
+    assert run.stderr.decode() == f"{hashlib.sha512(final).hexdigest()} sha512\n"
+
+
+def test_send_refuses_an_unfinished_image_and_a_symlink(image: Path, tmp_path: Path) -> None:
+    fd = os.open(image, os.O_RDWR | os.O_CREAT, 0o600)
+    write_new_image(fd, XML, None, True, ImageFormat.RAW)
+    os.close(fd)
+    unfinished = _run("send", "--image", str(image))
+    assert unfinished.returncode == 1 and unfinished.stdout == b""
+    assert b"is not a complete save image" in unfinished.stderr
+    secret = tmp_path / "secret"
+    secret.write_bytes(MAGIC_COMPLETE + b"root's secret")
+    image.unlink()
+    image.symlink_to(secret)
+    linked = _run("send", "--image", str(image))
+    assert linked.returncode == 1 and linked.stdout == b""
+
+
+def test_head_prints_the_digest_of_what_it_sent(image: Path) -> None:
+    _finished(image)
+    run = _run("head", "--image", str(image))
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.decode().splitlines() == [
+        f"savestate-move-follow: head complete length={len(run.stdout)}", f"{hashlib.sha256(run.stdout).hexdigest()} sha256"]
+
+
+def test_receive_writes_a_private_copy_and_prints_digest_and_size(image: Path, tmp_path: Path) -> None:
+    final = _finished(image)
+    copy = tmp_path / "copy.partial"
+    sender = subprocess.Popen([sys.executable, str(SCRIPT), "send", "--image", str(image)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    received = subprocess.run([sys.executable, str(SCRIPT), "receive", "--output", str(copy)],
+                              stdin=sender.stdout, capture_output=True, timeout=60, check=False)
+    sent_errors = sender.communicate(timeout=30)[1]
+    assert received.returncode == 0 and sender.returncode == 0, (received.stderr, sent_errors)
+    digest = hashlib.sha256(final).hexdigest()
+    assert received.stdout.decode() == f"{digest} {len(final)}\n"
+    assert sent_errors.decode() == f"{digest} sha256\n"
+    assert copy.read_bytes() == final and (copy.stat().st_mode & 0o777) == 0o600
+
+
+def test_receive_never_writes_through_a_link_or_over_a_file(tmp_path: Path) -> None:
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"keep")
+    link = tmp_path / "copy.partial"
+    link.symlink_to(victim)
+    for output in (link, victim):
+        run = subprocess.run([sys.executable, str(SCRIPT), "receive", "--output", str(output)],
+                             input=b"attacker's bytes", capture_output=True, timeout=60, check=False)
+        assert run.returncode == 1 and run.stdout == b"" and b"cannot create" in run.stderr
+    assert victim.read_bytes() == b"keep"
 
 
 def test_the_command_line_fails_with_a_message_not_a_traceback(image: Path, now_ns: int) -> None:
