@@ -87,9 +87,11 @@ class FollowError(Exception):
 class Digest(Protocol):
     """What the stream needs of a ``hashlib`` object."""
 
-    def update(self, data: bytes | memoryview, /) -> None: ...
+    def update(self, data: bytes | memoryview, /) -> None:
+        """Add ``data`` to the digest."""
 
-    def hexdigest(self) -> str: ...
+    def hexdigest(self) -> str:
+        """The digest so far, in hex."""
 
 
 class Pump:
