@@ -61,16 +61,15 @@ from report import (  # noqa: E402
 # RAM a guest keeps besides its random fill (the tmpfs): 256 MiB up to 2 GiB, an eighth above.
 # With 256 MiB a 4 GiB guest's kernel ran short of memory and spun: idle, the two 4 GiB guests
 # (ours and libvirt's) used 3 of this machine's 2 cores, and every 4 GiB row was measured on a
-# saturated host (the rows with most processes, through ansible, lost most). With 512 MiB both
-# use 0.07-0.15 cores, as the 1 and 2 GiB guests do.
+# saturated host. With 512 MiB both use 0.07-0.15 cores, as the 1 and 2 GiB guests do.
 GUEST_OVERHEAD_MIB = 256
+UNLIMITED = 9223372036853727232
+MIB = 1024 * 1024
+BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def guest_overhead_mib(memory_mib: int) -> int:
     return max(GUEST_OVERHEAD_MIB, memory_mib // 8)
-UNLIMITED = 9223372036853727232
-MIB = 1024 * 1024
-BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 
 
 def log(message: str) -> None:
