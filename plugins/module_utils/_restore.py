@@ -67,7 +67,6 @@ from ansible_collections.savestate.qemu.plugins.module_utils._qemu_process impor
     without_private_monitor,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._restore_launch import (
-    EXIT_GRACE,
     check_runs_as,
     connect_monitor,
     decompressor_failure,
@@ -321,7 +320,7 @@ class GuestRestorer:
                 if state != self.target:
                     raise MigrationError(f"the guest is {state} after the restore, not {self.target}")
         except MonitorError as error:
-            raise MigrationError(qemu_failure(qemu, f"restore failed: {error}")) from None
+            raise MigrationError(qemu_failure(qemu, error, "restore failed: ")) from None
         finally:
             self.trace = monitor.trace
         return stats, state
@@ -361,7 +360,7 @@ class GuestRestorer:
             return (f"the image did not load within the timeout of {timeout:g} s; QEMU was stopped and the "
                     "image left as it was")
         decompressor = decompressor_failure(stream)
-        text = qemu_failure(qemu, str(error), EXIT_GRACE if isinstance(error, MonitorError) else 0.2)
+        text = qemu_failure(qemu, error)
         if decompressor is not None and decompressor not in text:
             text = f"the decompressor failed ({decompressor}); {text}"
         return text

@@ -28,6 +28,8 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
     MonitorError,
     MonitorPeerError,
     PreconditionError,
+    QMPCommandError,
+    SaveStateError,
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._monitor import Monitor
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import read_status
@@ -191,14 +193,26 @@ def decompressor_failure(stream: Stream) -> Optional[str]:
     return helper.failure()
 
 
-def qemu_failure(qemu: LaunchedQemu, error_text: str, grace: float = EXIT_GRACE) -> str:
+def exit_grace(error: SaveStateError) -> float:
+    """How long a failed load waits for QEMU to exit before it says why in QEMU's words.
+
+    A dropped or silent monitor may be QEMU on its way out: it gets EXIT_GRACE. A QMP error
+    reply means QEMU was up to answer it, and anything else is ours: a moment is enough.
+    """
+    if isinstance(error, MonitorError) and not isinstance(error, QMPCommandError):
+        return EXIT_GRACE
+    return 0.2
+
+
+def qemu_failure(qemu: LaunchedQemu, error: SaveStateError, prefix: str = "") -> str:
     """Why the load failed in QEMU's words.
 
     QEMU 7.2 exits on a bad stream: the monitor drops a moment before the process ends,
     and only its output says why. Newer QEMU stays up (exit-on-error: false) and reports
     a summary over QMP, with the detail again only in its output.
     """
-    if qemu.exited(grace):
+    error_text = f"{prefix}{error}"
+    if qemu.exited(exit_grace(error)):
         return f"QEMU rejected the image: it {qemu.exit_status()}{qemu.said()}"
     return f"{error_text}{qemu.said()}"
 

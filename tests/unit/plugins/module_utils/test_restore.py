@@ -15,8 +15,19 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import DiskRecord, GuestRecord
-from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
-from ansible_collections.savestate.qemu.plugins.module_utils._restore_launch import launch_directory, restore_argv
+from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
+    MigrationError,
+    MonitorClosedError,
+    MonitorTimeoutError,
+    PreconditionError,
+    QMPCommandError,
+)
+from ansible_collections.savestate.qemu.plugins.module_utils._restore_launch import (
+    EXIT_GRACE,
+    exit_grace,
+    launch_directory,
+    restore_argv,
+)
 from ansible_collections.savestate.qemu.plugins.module_utils._restore_trust import check_emulator, disk_changes
 
 QEMU = "/usr/bin/qemu-system-x86_64"
@@ -206,3 +217,14 @@ def test_a_gone_or_unrecorded_directory_falls_back_to_root_with_a_warning(tmp_pa
     directory, warning = launch_directory(None)
     assert directory == "/" and "does not record QEMU's working directory" in warning
     assert "relative paths on its command line resolve from /" in warning
+
+
+@pytest.mark.parametrize("error, grace", [
+    (MonitorClosedError("the monitor closed"), EXIT_GRACE),
+    (MonitorTimeoutError("no reply"), EXIT_GRACE),
+    (QMPCommandError("cont", "GenericError", "Resetting the VM failed"), 0.2),
+    (MigrationError("migration failed"), 0.2),
+])
+def test_only_a_lost_monitor_waits_for_qemu_to_exit(error, grace):
+    """A QMP error reply came from a QEMU that was up to send it: its failure is reported at once."""
+    assert exit_grace(error) == grace
