@@ -1,4 +1,4 @@
-"""guest_move's stream helper (roles/guest_move/files/move_follow.py): on the source it sends
+"""guest_move's stream helper (roles/guest_move/files/move_stream.py): on the source it sends
 a save image, finished or while the save writes it; on the destination it writes the copy; both
 ends hash what they move.
 
@@ -33,13 +33,13 @@ from ansible_collections.savestate.qemu.plugins.module_utils._image import (
     write_new_image,
 )
 
-SCRIPT = Path(__file__).resolve().parents[2] / "roles" / "guest_move" / "files" / "move_follow.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "roles" / "guest_move" / "files" / "move_stream.py"
 XML = "<domain type='kvm'><name>ssq-follow</name></domain>"
 PIECE = 256 * 1024
 
 
 def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("move_follow", SCRIPT)
+    spec = importlib.util.spec_from_file_location("move_stream", SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -328,7 +328,7 @@ def test_the_command_line_streams_and_reports(image: Path, now_ns: int) -> None:
     assert run.returncode == 0, run.stderr
     assert hashlib.sha256(run.stdout).digest() == hashlib.sha256(_as_streamed(image.read_bytes())).digest()
     report, digest_line = run.stderr.decode().splitlines()
-    assert report.startswith("savestate-move-follow: complete size=")
+    assert report.startswith("savestate-move-stream: complete size=")
     assert digest_line == f"{hashlib.sha256(run.stdout).hexdigest()} sha256"
 
 
@@ -367,7 +367,7 @@ def test_head_prints_the_digest_of_what_it_sent(image: Path) -> None:
     run = _run("head", "--image", str(image))
     assert run.returncode == 0, run.stderr
     assert run.stderr.decode().splitlines() == [
-        f"savestate-move-follow: head complete length={len(run.stdout)}", f"{hashlib.sha256(run.stdout).hexdigest()} sha256"]
+        f"savestate-move-stream: head complete length={len(run.stdout)}", f"{hashlib.sha256(run.stdout).hexdigest()} sha256"]
 
 
 def test_receive_writes_a_private_copy_and_prints_digest_and_size(image: Path, tmp_path: Path) -> None:
@@ -400,7 +400,7 @@ def test_receive_never_writes_through_a_link_or_over_a_file(tmp_path: Path) -> N
 def test_the_command_line_fails_with_a_message_not_a_traceback(image: Path, now_ns: int) -> None:
     run = _run("follow", "--image", str(image), "--since", str(now_ns), "--timeout", "0.2")
     assert run.returncode == 1 and run.stdout == b""
-    assert run.stderr.decode() == "savestate-move-follow: no save of ssq-follow.save started within 0.2 s\n"
+    assert run.stderr.decode() == "savestate-move-stream: no save of ssq-follow.save started within 0.2 s\n"
     missing = _run("probe", "--image", "/nonexistent/dir/x.save")
     assert missing.returncode == 1 and b"cannot open the image directory /nonexistent/dir" in missing.stderr
     assert b"Traceback" not in missing.stderr
@@ -418,5 +418,5 @@ def test_a_destination_that_stops_reading_ends_the_follower(image: Path, now_ns:
     process.stdout.close()  # the destination went away mid-transfer
     errors = process.communicate(timeout=30)[1]
     save.join()
-    assert process.returncode == 1 and errors == b"savestate-move-follow: the destination stopped reading\n"
+    assert process.returncode == 1 and errors == b"savestate-move-stream: the destination stopped reading\n"
     assert image.read_bytes().startswith(MAGIC_COMPLETE)  # the save was not disturbed

@@ -29,13 +29,13 @@ Modes (the first argument):
     renamed it over the image and all of it went out. The first bytes carry the
     partial magic: the save rewrites the magic (and may rewrite the XML) at the end,
     so the destination takes the header from ``head`` once the save is over. On
-    success the last line on stderr is ``savestate-move-follow: complete ...``.
+    success the last line on stderr is ``savestate-move-stream: complete ...``.
     Fails if the save removed its file (it failed) or stopped writing for longer
     than ``--timeout``.
 ``head``
     Copy the finished image's header and XML (up to where the migration stream
     starts) to stdout; on success the last line on stderr is
-    ``savestate-move-follow: head complete length=N``.
+    ``savestate-move-stream: head complete length=N``.
 ``receive``
     On the destination: write stdin into ``--output``, a new file (created
     exclusively, never through a link, mode 0600), and print ``<hex digest> <size>``
@@ -70,7 +70,7 @@ SUPPORTED_VERSIONS = (1, 2)
 CHUNK = 1024 * 1024
 # Between looks at a file that did not grow (the save writes about 1 GB/s: 5 ms is 5 MB behind).
 POLL_S = 0.005
-PREFIX = "savestate-move-follow"
+PREFIX = "savestate-move-stream"
 # guest_move_checksum_algorithm's choices.
 ALGORITHMS = ["md5", "sha1", "sha224", "sha256", "sha384", "sha512"]
 # mkstemp's random part: 8 characters of [a-z0-9_].
@@ -358,7 +358,7 @@ def probe(path: str) -> None:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="move_follow.py", description=__doc__.split("\n", 1)[0])
+    parser = argparse.ArgumentParser(prog="move_stream.py", description=__doc__.split("\n", 1)[0])
     parser.add_argument("mode", choices=["probe", "send", "follow", "head", "receive"])
     parser.add_argument("--image", help="the image on the source (every mode but receive)")
     parser.add_argument("--output", help="the copy on the destination (receive)")
