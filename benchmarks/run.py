@@ -1,7 +1,7 @@
 """make bench: save and restore speed, side by side with QEMU itself and with libvirt.
 
-For each guest size (1, 2 and 4 GiB of RAM, all but 256 MiB of it filled with
-random data) one guest is booted under QEMU 10.0 and an equal one under libvirt
+For each guest size (1, 2 and 4 GiB of RAM, all but max(256 MiB, RAM/8) of it filled
+with random data) one guest is booted under QEMU 10.0 and an equal one under libvirt
 (embedded driver), and in one run, interleaved, repeated ``--reps`` times:
 
 * QEMU's own ``migrate file:`` (bandwidth unlimited) and ``-incoming`` load of that
@@ -15,7 +15,8 @@ random data) one guest is booted under QEMU 10.0 and an equal one under libvirt
   the guest's size, once per size and repetition).
 
 Every restore, of every contender, starts cold: the page cache is dropped first
-(``--warm-restores`` keeps it). Then the whole host: 4 guests of 1 GiB drained
+(``--warm-restores`` keeps it). Every save starts right after the page cache was
+emptied too (Cache.settle says why). Then the whole host: 4 guests of 1 GiB drained
 and restored in parallel and one after another by module_utils processes, then
 through the roles host_drain and host_restore (ansible-playbook) at each
 ``--role-concurrency`` (``--host-guests 0`` skips it all).
@@ -101,6 +102,21 @@ class Cache:
         if not self._drop_caches() and path is not None:
             page_cache.evict(path)
 
+    def settle(self) -> None:
+        """Before a save: the same memory for every contender, pages freed just now.
+
+        A virtual machine whose balloon reports free pages to its host (virtio-balloon free page
+        reporting, as on the machine the bench was written on) gives up the memory behind pages
+        that stay free a few seconds; writing into them again costs a fault in the host, page by
+        page. Measured there: 3.5 GiB written into the page cache (dd, no fsync) took 9.5–9.8 s
+        into pages free for 15 s, and 0.8–1.4 s into pages freed just before. A save writes its
+        image into the page cache, so without this its speed depended on what ran before it
+        (whether the last restore's image was freed or stays cached, as libvirt's does). A host
+        without a balloon always has the fast case; dropping the caches right before each save
+        gives every contender that case.
+        """
+        self._drop_caches()
+
 
 def timed(action: Callable[[], Any]) -> float:
     """Seconds ``action`` took; it raises on failure."""
@@ -126,18 +142,26 @@ class Contenders:
     """Each method takes the running guest through one save and one restore."""
 
     def __init__(self, guest: Guest, libvirt: EmbeddedLibvirt, libvirt_name: str, images: Path,
-                 size_gib: int, samples: list[Sample], cache: Optional[Cache]) -> None:
+                 size_gib: int, samples: list[Sample], cache: Cache, cold_restores: bool) -> None:
         self.guest = guest
         self.cache = cache
+        self.cold_restores = cold_restores
         self.libvirt = libvirt
         self.libvirt_name = libvirt_name
         self.images = images
         self.size_gib = size_gib
         self.samples = samples
 
+    def before(self, operation: str, path: Path) -> None:
+        """What every contender's save or restore starts from (Cache.settle, before_restore)."""
+        if operation == "save":
+            self.cache.settle()
+        else:
+            self.before_restore(path)
+
     def before_restore(self, path: Path) -> None:
         """Restores are cold unless --warm-restores: a host that rebooted has nothing cached."""
-        if self.cache is not None:
+        if self.cold_restores:
             self.cache.drop(path)
 
     def record(self, contender: str, image_format: str, operation: str, seconds: float, path: Optional[Path],
@@ -151,6 +175,7 @@ class Contenders:
     def qemu_file(self, image_format: str = "raw") -> None:
         path = self.images / "qemu-own.bin"
         address = self.guest.qmp_address
+        self.cache.settle()
         qmp_execute(address, "stop")
         qmp_execute(address, "migrate-set-parameters", {"max-bandwidth": UNLIMITED})
         started = time.monotonic()
@@ -189,8 +214,7 @@ class Contenders:
         if channels is not None:
             save_args["parallel_channels"] = restore_args["parallel_channels"] = channels
         for operation, arguments in (("save", save_args), ("restore", restore_args)):
-            if operation == "restore":
-                self.before_restore(path)
+            self.before(operation, path)
             load = os.getloadavg()[0]
             run = _op(operation, arguments)
             self.record(contender, image_format, operation, run.seconds, path, run.rss_kib, run.stream_s, run.cpu_s,
@@ -201,8 +225,7 @@ class Contenders:
         path = self.images / f"ansible.{image_format}"
         save_args = {"name": self.guest.spec.name, "path": str(path), "format": image_format}
         for operation, arguments in (("save", save_args), ("restore", {"path": str(path)})):
-            if operation == "restore":
-                self.before_restore(path)
+            self.before(operation, path)
             load = os.getloadavg()[0]
             started = time.monotonic()
             result, cpu, module_cpu = run_ansible(f"savestate.qemu.{operation}", arguments)
@@ -222,9 +245,10 @@ class Contenders:
 
     def virsh(self, image_format: str) -> None:
         path = self.images / f"virsh.{image_format}"
+        self.before("save", path)
         seconds = timed(lambda: self.libvirt.save(self.libvirt_name, path, image_format))
         self.record(VIRSH, image_format, "save", seconds, path)
-        self.before_restore(path)
+        self.before("restore", path)
         seconds = timed(lambda: self.libvirt.restore(path))
         self.record(VIRSH, image_format, "restore", seconds, path)
         path.unlink()
@@ -387,8 +411,7 @@ def rotated(contenders: Contenders, image_format: str, rep: int) -> list[Callabl
 def bench_size(args: argparse.Namespace, size: int, workdir: Path, images: Path, reaper: Reaper,
                samples: list[Sample], cache: Cache) -> None:
     guest, libvirt, libvirt_name = boot_pair(size, workdir, reaper)
-    contenders = Contenders(guest, libvirt, libvirt_name, images, size, samples,
-                            None if args.warm_restores else cache)
+    contenders = Contenders(guest, libvirt, libvirt_name, images, size, samples, cache, not args.warm_restores)
     try:
         for rep in range(args.reps):
             log(f"{size} GiB, repetition {rep + 1}/{args.reps}")
@@ -410,7 +433,7 @@ def bench_size(args: argparse.Namespace, size: int, workdir: Path, images: Path,
 
 # --- the whole host -------------------------------------------------------------------------
 
-def host_round(guests: list[Guest], images: Path, cache: Optional[Cache], parallel: bool,
+def host_round(guests: list[Guest], images: Path, cache: Cache, cold_restores: bool, parallel: bool,
                host: list[HostSample]) -> None:
     """Drain every guest, then restore every one, all at once or one after another."""
     mode = "in parallel" if parallel else "one after another"
@@ -419,7 +442,9 @@ def host_round(guests: list[Guest], images: Path, cache: Optional[Cache], parall
              for guest, path in zip(guests, paths)]
     restores = [("restore", {"path": str(path)}) for path in paths]
     for operation, batch in (("drain", saves), ("restore", restores)):
-        if operation == "restore" and cache is not None:
+        if operation == "drain":
+            cache.settle()
+        elif cold_restores:
             cache.drop(None)
             for path in paths:
                 cache.drop(path)
@@ -448,7 +473,7 @@ ROLE_PLAYBOOK = """
 """
 
 
-def role_round(guests: list[Guest], directory: Path, cache: Optional[Cache], concurrency: int,
+def role_round(guests: list[Guest], directory: Path, cache: Cache, cold_restores: bool, concurrency: int,
                host: list[HostSample]) -> None:
     """host_drain, then host_restore, of every guest through ansible-playbook, ``concurrency`` at a time.
 
@@ -457,11 +482,12 @@ def role_round(guests: list[Guest], directory: Path, cache: Optional[Cache], con
     """
     mode = f"roles, concurrency {concurrency}"
     shutil.rmtree(directory, ignore_errors=True)
+    cache.settle()
     drain = _playbook(directory.parent / "host_drain.yml", "host_drain", {
         "host_drain_dir": str(directory), "host_drain_guests": [guest.spec.name for guest in guests],
         "host_drain_concurrency": concurrency})
     total = sum(path.stat().st_size for path in directory.glob("*.save"))
-    if cache is not None:
+    if cold_restores:
         cache.drop(None)
     restore = _playbook(directory.parent / "host_restore.yml", "host_restore", {
         "host_restore_dir": str(directory), "host_restore_concurrency": concurrency})
@@ -504,11 +530,11 @@ def bench_host(args: argparse.Namespace, workdir: Path, images: Path, reaper: Re
             write, read, size = dd(images, count * 1024, cache)
             host.append(HostSample("dd", "write", count, write, size))
             host.append(HostSample("dd", "read", count, read, size))
-            host_cache = None if args.warm_restores else cache
-            host_round(guests, images, host_cache, False, host)
-            host_round(guests, images, host_cache, True, host)
+            cold = not args.warm_restores
+            host_round(guests, images, cache, cold, False, host)
+            host_round(guests, images, cache, cold, True, host)
             for concurrency in args.role_concurrency:
-                role_round(guests, images / "drain", host_cache, concurrency, host)
+                role_round(guests, images / "drain", cache, cold, concurrency, host)
     finally:
         for guest in guests:
             guest.stop()
