@@ -152,13 +152,6 @@ class Contenders:
         self.size_gib = size_gib
         self.samples = samples
 
-    def before(self, operation: str, path: Path) -> None:
-        """What every contender's save or restore starts from (Cache.settle, before_restore)."""
-        if operation == "save":
-            self.cache.settle()
-        else:
-            self.before_restore(path)
-
     def before_restore(self, path: Path) -> None:
         """Restores are cold unless --warm-restores: a host that rebooted has nothing cached."""
         if self.cold_restores:
@@ -213,8 +206,9 @@ class Contenders:
         restore_args: dict[str, Any] = {"path": str(path)}
         if channels is not None:
             save_args["parallel_channels"] = restore_args["parallel_channels"] = channels
-        for operation, arguments in (("save", save_args), ("restore", restore_args)):
-            self.before(operation, path)
+        for operation, arguments, prepare in (("save", save_args, self.cache.settle),
+                                              ("restore", restore_args, lambda: self.before_restore(path))):
+            prepare()
             load = os.getloadavg()[0]
             run = _op(operation, arguments)
             self.record(contender, image_format, operation, run.seconds, path, run.rss_kib, run.stream_s, run.cpu_s,
@@ -224,8 +218,9 @@ class Contenders:
     def savestate_ansible(self, image_format: str) -> None:
         path = self.images / f"ansible.{image_format}"
         save_args = {"name": self.guest.spec.name, "path": str(path), "format": image_format}
-        for operation, arguments in (("save", save_args), ("restore", {"path": str(path)})):
-            self.before(operation, path)
+        for operation, arguments, prepare in (("save", save_args, self.cache.settle),
+                                              ("restore", {"path": str(path)}, lambda: self.before_restore(path))):
+            prepare()
             load = os.getloadavg()[0]
             started = time.monotonic()
             result, cpu, module_cpu = run_ansible(f"savestate.qemu.{operation}", arguments)
@@ -245,10 +240,10 @@ class Contenders:
 
     def virsh(self, image_format: str) -> None:
         path = self.images / f"virsh.{image_format}"
-        self.before("save", path)
+        self.cache.settle()
         seconds = timed(lambda: self.libvirt.save(self.libvirt_name, path, image_format))
         self.record(VIRSH, image_format, "save", seconds, path)
-        self.before("restore", path)
+        self.before_restore(path)
         seconds = timed(lambda: self.libvirt.restore(path))
         self.record(VIRSH, image_format, "restore", seconds, path)
         path.unlink()

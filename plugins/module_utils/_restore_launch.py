@@ -58,6 +58,8 @@ DROPPED_WITH_VALUE = frozenset(("incoming", "loadvm"))
 STARTUP_TIMEOUT = 60.0
 # How long a QEMU whose monitor dropped may take to exit before we stop waiting for its reason.
 EXIT_GRACE = 5.0
+# How long QEMU gets to exit after a failure it answered over QMP, or one of ours.
+EXIT_GRACE_ANSWERED = 0.2
 HELPER_GRACE = 1.0
 
 
@@ -197,11 +199,11 @@ def exit_grace(error: SaveStateError) -> float:
     """How long a failed load waits for QEMU to exit before it says why in QEMU's words.
 
     A dropped or silent monitor may be QEMU on its way out: it gets EXIT_GRACE. A QMP error
-    reply means QEMU was up to answer it, and anything else is ours: a moment is enough.
+    reply means QEMU was up to answer it, and anything else is ours: EXIT_GRACE_ANSWERED.
     """
     if isinstance(error, MonitorError) and not isinstance(error, QMPCommandError):
         return EXIT_GRACE
-    return 0.2
+    return EXIT_GRACE_ANSWERED
 
 
 def qemu_failure(qemu: LaunchedQemu, error: SaveStateError, prefix: str = "") -> str:

@@ -24,6 +24,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._errors import (
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._restore_launch import (
     EXIT_GRACE,
+    EXIT_GRACE_ANSWERED,
     exit_grace,
     launch_directory,
     restore_argv,
@@ -222,8 +223,8 @@ def test_a_gone_or_unrecorded_directory_falls_back_to_root_with_a_warning(tmp_pa
 @pytest.mark.parametrize("error, grace", [
     (MonitorClosedError("the monitor closed"), EXIT_GRACE),
     (MonitorTimeoutError("no reply"), EXIT_GRACE),
-    (QMPCommandError("cont", "GenericError", "Resetting the VM failed"), 0.2),
-    (MigrationError("migration failed"), 0.2),
+    (QMPCommandError("cont", "GenericError", "Resetting the VM failed"), EXIT_GRACE_ANSWERED),
+    (MigrationError("migration failed"), EXIT_GRACE_ANSWERED),
 ])
 def test_only_a_lost_monitor_waits_for_qemu_to_exit(error, grace):
     """A QMP error reply came from a QEMU that was up to send it: its failure is reported at once."""
