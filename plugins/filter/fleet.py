@@ -33,10 +33,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterable, Mapping
-from datetime import datetime, timezone
 from typing import Any, Optional
 
 from ansible_collections.savestate.qemu.plugins.module_utils._manifest import SAFE_NAME
+from ansible_collections.savestate.qemu.plugins.module_utils._timestamps import parse_utc
 
 MIB = 1048576
 COLUMNS = ("guest", "before", "image", "size", "seconds", "MiB/s", "after")
@@ -141,20 +141,9 @@ def duration_seconds(value: Any) -> Optional[float]:
     return sum(float(number) * DURATION_UNITS[unit] for number, unit in DURATION_PART.findall(text))
 
 
-def _timestamp(text: Any) -> Optional[float]:
-    """Seconds since the epoch of an ISO 8601 time (``saved_at``: UTC, "Z"), or None when it is not one."""
-    if not isinstance(text, str) or not text:
-        return None
-    try:
-        moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00").replace("z", "+00:00"))
-    except ValueError:
-        return None
-    return (moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)).timestamp()
-
-
 def saved_time(entry: Mapping[str, Any]) -> Optional[float]:
     """When the entry's image was written: its ``saved_at``, else its fingerprint's modification time, else None."""
-    saved = _timestamp(entry.get("saved_at"))
+    saved = parse_utc(entry.get("saved_at"))
     if saved is not None:
         return saved
     mtime = (entry.get("fingerprint") or {}).get("mtime")
@@ -240,7 +229,7 @@ def _discards(record: Mapping[str, Any], entry: Mapping[str, Any]) -> bool:
         return False
     if record.get("uuid") and entry.get("uuid") and str(record["uuid"]).lower() != str(entry["uuid"]).lower():
         return False
-    saved, discarded = _timestamp(entry.get("saved_at")), _timestamp(record.get("discarded_at"))
+    saved, discarded = parse_utc(entry.get("saved_at")), parse_utc(record.get("discarded_at"))
     return saved is None or discarded is None or saved <= discarded
 
 

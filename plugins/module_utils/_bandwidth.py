@@ -35,13 +35,13 @@ import json
 import math
 import os
 import re
-import secrets
 import stat
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
+from ansible_collections.savestate.qemu.plugins.module_utils._atomic_file import replace_file
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
 from ansible_collections.savestate.qemu.plugins.module_utils._image_key import open_private_dir, state_dir
 
@@ -193,27 +193,6 @@ def _lock(dir_fd: int) -> bool:
         time.sleep(0.02)
 
 
-def _replace(dir_fd: int, data: bytes) -> None:
-    """Write ``data`` as the record: a unique temporary name, fsync, rename over the record, fsync the directory."""
-    temp = f".{RECORD_NAME}.{os.getpid()}.{secrets.token_hex(8)}"
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(temp, RECORD_NAME, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
-    finally:
-        try:
-            os.unlink(temp, dir_fd=dir_fd)
-        except OSError:
-            pass  # renamed into place: nothing left to remove
-
-
 def store(entry: Bandwidth, directory: Optional[str] = None) -> None:
     """Add ``entry`` to the record (replacing that directory's and format's); raises OSError or SaveStateError."""
     dir_fd = open_private_dir(directory or state_dir(), create=True)
@@ -223,7 +202,7 @@ def store(entry: Bandwidth, directory: Optional[str] = None) -> None:
         if not _lock(dir_fd):
             raise OSError(errno.EWOULDBLOCK, "another save holds the record")
         kept = [old for old in _read(dir_fd) if (old.directory, old.format) != (entry.directory, entry.format)]
-        _replace(dir_fd, _encode(kept + [entry]))
+        replace_file(dir_fd, RECORD_NAME, _encode(kept + [entry]))
     finally:
         os.close(dir_fd)  # drops the flock
 

@@ -35,7 +35,6 @@ import fcntl
 import os
 import pwd
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Optional
 
 from ansible_collections.savestate.qemu.plugins.module_utils._domainxml import GuestRecord, parse_domain_xml
@@ -61,6 +60,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._manifest import (
 )
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import PROC, fd_numbers, fd_stat, pids, process_comm
 from ansible_collections.savestate.qemu.plugins.module_utils._runtime import GuestLock, guest_key
+from ansible_collections.savestate.qemu.plugins.module_utils._timestamps import utc_text
 
 DEFAULT_MANIFEST = "/var/lib/savestate/drain/savestate-manifest.json"
 # Read-only: what is opened before it is judged must not be a device that opening for writing disturbs.
@@ -109,11 +109,6 @@ def operator_name() -> str:
         return pwd.getpwuid(os.geteuid()).pw_name
     except KeyError:
         return f"uid {os.geteuid()}"
-
-
-def now_text() -> str:
-    """Now, as the save records ``saved_at`` (ISO 8601, UTC, seconds)."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
 # --- the image, judged before anything changes ---------------------------------------------
@@ -285,7 +280,7 @@ def discard_guest(request: DiscardRequest, check_mode: bool = False) -> DiscardO
                                   f"nothing to discard{said}", {"path": path, "existed": False, "removed": False},
                                   None, earlier)
         record = earlier if entry is None and earlier else discard_record(
-            request.name, entry, now_text(), request.discarded_by or operator_name(), request.reason, request.uuid)
+            request.name, entry, utc_text(), request.discarded_by or operator_name(), request.reason, request.uuid)
         before = current_text(request.manifest)
         after = dump_discard(manifest, record, directory) if manifest is not None else before
         size = image.info.st_size if image else None

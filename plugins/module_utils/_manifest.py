@@ -27,11 +27,11 @@ import math
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from ansible_collections.savestate.qemu.plugins.module_utils._atomic_file import open_directory, replace_file
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
 from ansible_collections.savestate.qemu.plugins.module_utils._image import ImageFormat
 from ansible_collections.savestate.qemu.plugins.module_utils._image_auth import file_trust_problem
@@ -337,24 +337,14 @@ def current_text(path: str) -> Optional[str]:
 
 
 def write_manifest(path: str, text: str) -> None:
-    """Replace the manifest atomically (a reader sees the old one or the new one), mode 0600."""
-    directory = os.path.dirname(path)
+    """Replace the manifest atomically and durably (a reader sees the old one or the new one), mode 0600."""
     try:
-        fd, temporary = tempfile.mkstemp(prefix=".savestate-manifest-", dir=directory)
-    except OSError as error:
-        raise ManifestError(f"cannot write the drain manifest {path}: {error.strerror or error}") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            os.fchmod(handle.fileno(), 0o600)
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.rename(temporary, path)
-    except OSError as error:
+        dir_fd = open_directory(os.path.dirname(path) or ".")
         try:
-            os.unlink(temporary)
-        except OSError:
-            pass
+            replace_file(dir_fd, os.path.basename(path), text.encode("utf-8"))
+        finally:
+            os.close(dir_fd)
+    except OSError as error:
         raise ManifestError(f"cannot write the drain manifest {path}: {error.strerror or error}") from None
 
 

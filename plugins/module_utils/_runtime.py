@@ -43,6 +43,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Optional
 from uuid import UUID
 
+from ansible_collections.savestate.qemu.plugins.module_utils._atomic_file import replace_file
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import PreconditionError
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import fd_stat, net_table
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_start_time as _start_time
@@ -226,24 +227,13 @@ class RuntimeDir:
         return data if len(data) <= limit else b""
 
     def write(self, name: str, data: bytes) -> None:
-        """Replace ``name`` with ``data`` atomically (a temporary file of this process, then a rename)."""
-        temp = f"{name}.{os.getpid()}.tmp"
-        self.unlink(temp)  # a leftover of a killed process that had our pid
-        fd = self.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
+        """Replace ``name`` with ``data`` atomically (a temporary file named after this process, then a rename)."""
+        temporary = f"{_checked_name(name)}.{os.getpid()}.tmp"  # TEMP_FILE: the sweep removes a killed run's
+        self.unlink(temporary)  # a leftover of a killed process that had our pid
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-            os.close(fd)
-            fd = -1
-            self.replace(temp, name)
+            replace_file(self.fd, name, data, temporary=temporary)
         except OSError as error:
             raise PreconditionError(f"cannot write {self.join(name)}: {error.strerror}") from None
-        finally:
-            if fd >= 0:
-                os.close(fd)
-            self.unlink(temp)  # gone after the rename; left only by a failure
 
 
 def runtime_dir() -> str:

@@ -31,7 +31,6 @@ import stat
 import tempfile
 import time
 from dataclasses import dataclass, replace
-from datetime import datetime, timezone
 from typing import Any, Optional
 
 from ansible_collections.savestate.qemu.plugins.module_utils._credentials import process_credentials
@@ -95,6 +94,7 @@ from ansible_collections.savestate.qemu.plugins.module_utils._stream import (
     plan_save,
     time_left,
 )
+from ansible_collections.savestate.qemu.plugins.module_utils._timestamps import utc_text
 from ansible_collections.savestate.qemu.plugins.module_utils._uuid_compare import same_uuid, uuid_form
 
 AFTER_SAVE_CHOICES = ("stop", "running", "paused")
@@ -322,7 +322,7 @@ def build_record(monitor: Monitor, guest: ActiveGuest, name: Optional[str], uuid
         argv=tuple(guest.argv),
         qmp=endpoint,
         disks=disk_records(monitor),
-        saved_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        saved_at=utc_text(),
         cwd=process_cwd(guest.pid),
         owner_uid=owner.uid,
         owner_gid=owner.gid,

@@ -39,12 +39,12 @@ import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any, Optional
 
 from ansible_collections.savestate.qemu.plugins.module_utils._commands import output_of, run_bounded
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import MigrationError, PreconditionError
 from ansible_collections.savestate.qemu.plugins.module_utils._proc import process_gone, process_started_at, read_cgroup
+from ansible_collections.savestate.qemu.plugins.module_utils._timestamps import parse_utc, utc_text
 
 KIND_PERSISTENT = "persistent"
 KIND_TRANSIENT = "transient"
@@ -460,13 +460,10 @@ def booted_after_save(saved_at: Optional[str], pid: int) -> str:
     started = process_start(pid)
     if not saved_at or started is None:
         return ""
-    try:
-        saved = datetime.fromisoformat(saved_at.replace("Z", "+00:00")).timestamp()
-    except ValueError:
+    saved = parse_utc(saved_at)
+    if saved is None or started <= saved:
         return ""
-    if started <= saved:
-        return ""
-    when = datetime.fromtimestamp(started, timezone.utc).isoformat(timespec="seconds")
+    when = utc_text(started)
     return (f" and was booted afresh after the image was saved (QEMU pid {pid} started {when}, the image was "
             f"saved {saved_at}): the image is stale, its RAM belongs to an older state of the disks")
 

@@ -153,7 +153,7 @@ manifest:
           size: 2150760448
           memory_mib: 2048
           machine: pc-q35-10.0
-          saved_at: "2026-11-24T13:40:16Z"
+          saved_at: "2026-11-24T13:40:16+00:00"
           fingerprint: {size: 2150760448, mtime: 1764000016.25}
 added:
   description: With O(state=present), the entries made for the images of O(saved), as written.

@@ -171,7 +171,7 @@ metadata:
         mtime_ns: 1764000000000000000
         node: disk0
         target: null
-    saved_at: "2026-11-24T13:40:16Z"
+    saved_at: "2026-11-24T13:40:16+00:00"
     cwd: /var/lib/qemu/web01
     credentials: {uid: 0, gid: 0, groups: [], user: root}
   contains:
