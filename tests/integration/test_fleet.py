@@ -78,6 +78,22 @@ def summary(run: PlaybookRun, host: str) -> list[str]:
     return lines[-1]
 
 
+def job_records(run: PlaybookRun, host: str) -> set[str]:
+    """The record files of the async jobs the run started on ``host`` (saves or restores)."""
+    items = [item for result in run.host_results(host) for item in result.get("results") or [result]]
+    return {item["results_file"] for item in items
+            if isinstance(item, dict) and item.get("ansible_job_id") and item.get("results_file")}
+
+
+def assert_job_records_removed(fleet: Fleet, run: PlaybookRun) -> None:
+    """The roles remove each round's job records (they hold the module results) once it is over."""
+    for host in GUESTS:
+        records = job_records(run, host)
+        assert records, f"{host}: no async job was started"
+        left = sorted(path for path in records if fleet[host].path(path).exists())
+        assert not left, f"{host}: job records left behind: {left}"
+
+
 def rows(report: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {row["guest"]: row for row in report}
 
@@ -127,9 +143,12 @@ def test_a_fleet_drains_in_parallel_and_comes_back(testbed: Fleet,
         assert first[0] < second[1] and second[0] < first[1], \
             f"{one} saved during {first} and {other} during {second}: one after the other, not in parallel"
 
+    assert_job_records_removed(fleet, drain)
+
     saved_ticks = {name: guests[name].last_tick() for name in guests if name not in NO_QMP}
 
     restore = fleet.run_playbook(RESTORE, extra_vars(), forks=10, timeout=900).check()
+    assert_job_records_removed(fleet, restore)
     for host in GUESTS:
         report = rows(facts(restore, host, "host_restore_report"))
         assert {row["result"] for row in report.values()} == {"restored"}, report

@@ -39,8 +39,8 @@ def test_a_failed_rename_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pa
     assert (tmp_path / "busy" / "x").exists()
 
 
-def test_a_link_planted_at_the_temporary_name_is_neither_followed_nor_removed(tmp_path: Path,
-                                                                                directory: int) -> None:
+def test_a_link_planted_at_the_temporary_name_is_neither_followed_nor_removed(
+        tmp_path: Path, directory: int) -> None:
     victim = tmp_path / "victim"
     victim.write_text("precious")
     (tmp_path / "record.tmp").symlink_to(victim)
