@@ -220,7 +220,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     try:
         guest.start(ready_timeout=900)
-        reaper.own(guest.process.pid)
+        reaper.own(guest.launched_pid)
         with tempfile.TemporaryDirectory(prefix="ssq-overhead-") as scratch:
             runner = Runner(guest, images, Path(scratch))
             runner.cold = args.cold

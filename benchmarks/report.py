@@ -219,7 +219,8 @@ def verdicts(table: Table, sizes: list[int], formats: list[str], host: list[Host
                                  0.8))
     found += _host_verdicts(host)
     rss = [table.get((size, OURS, "raw", "save"), {}).get("rss_kib") for size in sizes]
-    flat = max(rss) / min(rss) if len(sizes) > 1 and all(rss) else None
+    measured = [kib for kib in rss if kib]
+    flat = max(measured) / min(measured) if len(sizes) > 1 and len(measured) == len(rss) else None
     found.append(Verdict(f"module peak RSS, largest / smallest guest ({', '.join(f'{s} GiB' for s in sizes)})",
                          flat, 1.1))
     return found

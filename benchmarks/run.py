@@ -27,10 +27,10 @@ bench markers; the prose around them is written by hand.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
-import re
 import resource
 import shutil
 import socket
@@ -339,6 +339,7 @@ def _spawn_op(operation: str, arguments: dict) -> tuple[subprocess.Popen, float]
 def _finish_op(spawned: tuple[subprocess.Popen, float], operation: str) -> OpRun:
     """Wait for one benchmarks/op.py and say what it took."""
     process, started = spawned
+    assert process.stdout is not None  # stdout=PIPE
     output = process.stdout.read()
     status, usage = os.wait4(process.pid, 0)[1:]
     ended = time.monotonic()
@@ -362,7 +363,7 @@ def dd(directory: Path, mib: int, cache: Cache) -> tuple[float, float, int]:
     for argv in (["dd", "if=/dev/zero", f"of={target}", "bs=4M", f"count={count}", "oflag=direct", "conv=fsync"],
                  ["dd", f"if={target}", "of=/dev/null", "bs=4M", "iflag=direct"]):
         cache.drop(target if target.exists() else None)
-        times.append(timed(lambda argv=argv: subprocess.run(argv, check=True, capture_output=True)))
+        times.append(timed(functools.partial(subprocess.run, argv, check=True, capture_output=True)))
     size = target.stat().st_size
     target.unlink()
     return times[0], times[1], size
@@ -385,7 +386,7 @@ def boot_pair(size_gib: int, workdir: Path, reaper: Reaper) -> tuple[Guest, Embe
     log(f"booting two {size_gib} GiB guests (QEMU and libvirt), filling {fill} MiB with random data")
     libvirt.virsh("start", libvirt_name)
     guest.start(ready_timeout=900)
-    reaper.own(guest.process.pid)
+    reaper.own(guest.launched_pid)
     libvirt.wait_ready(libvirt_name, timeout=900)
     return guest, libvirt, libvirt_name
 
@@ -519,7 +520,7 @@ def bench_host(args: argparse.Namespace, workdir: Path, images: Path, reaper: Re
         with ThreadPoolExecutor(max_workers=count) as pool:  # boot (and fill) side by side
             list(pool.map(lambda guest: guest.start(ready_timeout=900), guests))
         for guest in guests:
-            reaper.own(guest.process.pid)
+            reaper.own(guest.launched_pid)
         for rep in range(args.reps):
             log(f"whole host, repetition {rep + 1}/{args.reps}")
             write, read, size = dd(images, count * 1024, cache)
@@ -542,7 +543,7 @@ def bench_host(args: argparse.Namespace, workdir: Path, images: Path, reaper: Re
 def machine_facts() -> str:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    memory = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1)) // 1024 // 1024
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 1024 ** 3
 
     def output(*argv: str) -> str:
         return subprocess.run(argv, capture_output=True, text=True, check=True).stdout

@@ -171,6 +171,13 @@ class Guest:
         return {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": [entry.pw_gid]}
 
     @property
+    def launched_pid(self) -> int:
+        """The pid of the QEMU that :meth:`start` launched, running or not; raises before it."""
+        if self.process is None:
+            raise RuntimeError(f"guest {self.spec.name} was never started")
+        return self.process.pid
+
+    @property
     def pid(self) -> int | None:
         if self.process is not None and self.process.poll() is None:
             return self.process.pid
