@@ -44,6 +44,7 @@ from typing import Any, Optional
 from ansible_collections.savestate.qemu.plugins.module_utils._atomic_file import replace_file
 from ansible_collections.savestate.qemu.plugins.module_utils._errors import SaveStateError
 from ansible_collections.savestate.qemu.plugins.module_utils._image_key import open_private_dir, state_dir
+from ansible_collections.savestate.qemu.plugins.module_utils._timestamps import utc_text
 
 RECORD_NAME = "bandwidth.json"
 RECORD_VERSION = 1
@@ -72,7 +73,7 @@ class Bandwidth:
     def report(self) -> dict[str, Any]:
         """As drain_manifest returns it: the figures and the date in ISO 8601, UTC."""
         result = asdict(self)
-        result["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.measured_at))
+        result["measured_at"] = utc_text(self.measured_at)
         return result
 
 

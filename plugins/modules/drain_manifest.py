@@ -192,7 +192,7 @@ bandwidth:
   type: dict
   sample:
     raw: {directory: /var/lib/savestate/drain, format: raw, bytes: 2147549184, seconds: 1.84, mib_s: 1112.5,
-          measured_at: "2026-11-30T12:00:00Z"}
+          measured_at: "2026-11-30T12:00:00+00:00"}
 """
 
 import json

@@ -73,7 +73,7 @@ def test_the_totals_count_what_this_run_did_over_the_wall_time() -> None:
 
 def test_the_estimate_uses_the_measured_bandwidth_and_says_so() -> None:
     guests = [guest("a", 1024), guest("b", 2048), guest("c", 512)]
-    bandwidth = {"raw": {"mib_s": 512.0, "measured_at": "2026-11-30T12:00:00Z"}}
+    bandwidth = {"raw": {"mib_s": 512.0, "measured_at": "2026-11-30T12:00:00+00:00"}}
     estimate = drain_estimate(guests, "1000 4096", bandwidth, "raw", 2, "/d", 256)
     assert [row["image_bytes_max"] for row in estimate["guests"]] == [1024 * MIB, 2048 * MIB, 512 * MIB]
     assert [row["seconds"] for row in estimate["guests"]] == [2.0, 4.0, 1.0]
@@ -81,7 +81,7 @@ def test_the_estimate_uses_the_measured_bandwidth_and_says_so() -> None:
     assert estimate["measured"] and estimate["mib_s"] == 512.0 and estimate["free_bytes"] == 4096000
     assert estimate["fits"] is False and estimate["image_bytes_max"] == 3584 * MIB
     lines = estimate_lines(estimate, "hv1")
-    assert "measured on 2026-11-30T12:00:00Z" in lines[1] and "about 5.0 s at most" in lines[1]
+    assert "measured on 2026-11-30T12:00:00+00:00" in lines[1] and "about 5.0 s at most" in lines[1]
     assert "upper bound" in lines[0] and "NOT ENOUGH" in lines[0]
     assert lines[2:] == ["hv1: a: image up to 1024.0 MiB, about 2.0 s", "hv1: b: image up to 2048.0 MiB, about 4.0 s",
                          "hv1: c: image up to 512.0 MiB, about 1.0 s"]
