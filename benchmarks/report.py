@@ -42,11 +42,17 @@ class Sample:
 class HostSample:
     """One drain or restore of several guests at once or one after another."""
 
-    mode: str               # "in parallel" or "one after another"
+    mode: str               # "in parallel", "one after another", "dd" or role_mode(concurrency)
     operation: str          # drain, restore, write, read
     guests: int
     seconds: float          # wall time: until the last guest is saved / runs again
     total_bytes: int
+    concurrency: Optional[int] = None  # through the roles: how many guests at a time
+
+
+def role_mode(concurrency: int) -> str:
+    """The mode column of a run through the roles."""
+    return f"roles, concurrency {concurrency}"
 
 
 @dataclass
@@ -243,11 +249,10 @@ def _host_verdicts(host: list[HostSample]) -> list[Verdict]:
 def _role_verdicts(host: list[HostSample], operation: str, disk: Optional[tuple[float, float]]) -> list[Verdict]:
     """The same two targets through host_drain / host_restore, at each concurrency measured above 1."""
     role = "host_drain" if operation == "drain" else "host_restore"
-    serial = _host_median(host, operation, "roles, concurrency 1")
+    serial = _host_median(host, operation, role_mode(1))
     found = []
-    for mode in sorted({s.mode for s in host if s.mode.startswith("roles, concurrency ")} - {"roles, concurrency 1"}):
-        measured = _host_median(host, operation, mode)
-        level = mode.rsplit(" ", 1)[1]
+    for level in sorted({s.concurrency for s in host if s.concurrency and s.concurrency > 1}):
+        measured = _host_median(host, operation, role_mode(level))
         found.append(Verdict(f"4 guests through {role}, concurrency {level}: aggregate / dd "
                              f"{'write' if operation == 'drain' else 'read'} bandwidth",
                              _ratio(measured[1], disk[1]) if measured and disk else None, 0.8, True))

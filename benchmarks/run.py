@@ -57,7 +57,7 @@ from integration.ansible_runner import ANSIBLE as ANSIBLE_BIN  # noqa: E402
 from integration.ansible_runner import _environment as ansible_environment  # noqa: E402
 from integration.ansible_runner import _host_result as host_result  # noqa: E402
 from report import (  # noqa: E402
-    ANSIBLE, ANSIBLE_FIXED, DISK, OURS, QEMU, VIRSH, HostSample, Sample, render)
+    ANSIBLE, ANSIBLE_FIXED, DISK, OURS, QEMU, VIRSH, HostSample, Sample, render, role_mode)
 
 # RAM a guest keeps besides its random fill (the tmpfs): 256 MiB up to 2 GiB, an eighth above.
 # With 256 MiB a 4 GiB guest's kernel ran short of memory and spun: idle, the two 4 GiB guests
@@ -476,7 +476,6 @@ def role_round(guests: list[Guest], directory: Path, cache: Cache, cold_restores
     The wall time is the playbook's, start-up included: what an operator waits for, until the last
     guest is saved (drain) or runs again (restore). The restore removes the images (its default).
     """
-    mode = f"roles, concurrency {concurrency}"
     shutil.rmtree(directory, ignore_errors=True)
     cache.settle()
     drain = _playbook(directory.parent / "host_drain.yml", "host_drain", {
@@ -488,7 +487,7 @@ def role_round(guests: list[Guest], directory: Path, cache: Cache, cold_restores
     restore = _playbook(directory.parent / "host_restore.yml", "host_restore", {
         "host_restore_dir": str(directory), "host_restore_concurrency": concurrency})
     for operation, seconds in (("drain", drain), ("restore", restore)):
-        host.append(HostSample(mode, operation, len(guests), seconds, total))
+        host.append(HostSample(role_mode(concurrency), operation, len(guests), seconds, total, concurrency))
         log(f"{len(guests)} guests {operation} through the role, concurrency {concurrency}: {seconds:.2f} s")
     shutil.rmtree(directory, ignore_errors=True)
 

@@ -7,7 +7,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
 
-from report import ANSIBLE, ANSIBLE_FIXED, OURS, Sample, ansible_cpu_excess, ansible_excess, load_note, medians, render  # noqa: E402
+from report import (  # noqa: E402
+    ANSIBLE,
+    ANSIBLE_FIXED,
+    OURS,
+    HostSample,
+    Sample,
+    _host_verdicts,
+    ansible_cpu_excess,
+    ansible_excess,
+    load_note,
+    medians,
+    render,
+    role_mode,
+)
 
 GIB = 1024 ** 3
 
@@ -62,3 +75,14 @@ def test_the_excess_counts_the_module_utils_process_from_outside_when_measured()
     assert abs(ansible_excess(table, 1, "raw", "save") - (1.9 - 1.1 - 0.8)) < 1e-9
     report = render(rows, [], [1], ["raw"], 1, "Machine: test.", "make bench", 1.0, True, "drop_caches")
     assert f"| 1 GiB | {OURS} | raw | save | 0.85 (process 1.10) |" in report
+
+
+def test_the_roles_are_judged_at_each_concurrency_above_one_against_one_at_a_time() -> None:
+    host = [HostSample("dd", "write", 4, 2.0, 4 * GIB), HostSample("dd", "read", 4, 4.0, 4 * GIB)]
+    for concurrency, seconds in ((1, 12.0), (2, 10.0), (4, 6.0)):
+        host.append(HostSample(role_mode(concurrency), "drain", 4, seconds, 4 * GIB, concurrency))
+    found = {verdict.name: verdict.measured for verdict in _host_verdicts(host)}
+    assert found["4 guests through host_drain: concurrency 1 / concurrency 2 (wall)"] == 1.2
+    assert found["4 guests through host_drain: concurrency 1 / concurrency 4 (wall)"] == 2.0
+    assert found["4 guests through host_drain, concurrency 4: aggregate / dd write bandwidth"] == 2.0 / 6.0
+    assert not any("concurrency 1:" in name or "concurrency 1," in name for name in found)
