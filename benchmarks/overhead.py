@@ -46,7 +46,7 @@ from harness.guest import Guest, GuestSpec  # noqa: E402
 from harness.paths import CACHE_DIR, VENV_DIR  # noqa: E402
 from harness.processes import Reaper, become_subreaper, kill_and_wait, qemu_processes  # noqa: E402
 from harness.qemu import SYSTEM_QEMU  # noqa: E402
-from integration.ansible_runner import ANSIBLE, _environment  # noqa: E402
+from integration.ansible_runner import ANSIBLE, ansible_environment  # noqa: E402
 from run import INTERPRETER_WRAPPER, bash_children_seconds  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -145,7 +145,7 @@ class Runner:
         return row
 
     def ansible(self, module: str, arguments: dict[str, Any], extra: dict[str, str]) -> dict[str, Any]:
-        env = _environment(self.result_file, extra)
+        env = ansible_environment(self.result_file, extra)
         self.times_file.write_text("")
         # Implicit localhost runs modules with the controller's own interpreter whatever the environment
         # says: only the inventory variable picks the wrapper.

@@ -54,8 +54,7 @@ from harness.paths import CACHE_DIR, VENV_DIR  # noqa: E402
 from harness.processes import Reaper, become_subreaper, kill_and_wait, pid_gone, qemu_processes  # noqa: E402
 from harness.qemu import SYSTEM_QEMU  # noqa: E402
 from integration.ansible_runner import ANSIBLE as ANSIBLE_BIN  # noqa: E402
-from integration.ansible_runner import _environment as ansible_environment  # noqa: E402
-from integration.ansible_runner import _host_result as host_result  # noqa: E402
+from integration.ansible_runner import ansible_environment, host_result  # noqa: E402
 from report import (  # noqa: E402
     ANSIBLE, ANSIBLE_FIXED, DISK, OURS, QEMU, VIRSH, HostSample, Sample, render, role_mode)
 

@@ -421,7 +421,7 @@ class SystemdHost:
                    env: dict[str, str] | None = None) -> dict[str, object]:
         """Run one of the collection's modules on this host through real Ansible over SSH,
         as ``tester`` with ``become``; returns the module's result (see ansible_runner)."""
-        from integration.ansible_runner import ANSIBLE, _environment, _host_result  # the tests' runner
+        from integration.ansible_runner import ANSIBLE, ansible_environment, host_result  # the tests' runner
         inventory = self.workdir / "inventory.ini"
         inventory.write_text(self.inventory())
         name = module if "." in module else f"savestate.qemu.{module}"
@@ -431,9 +431,9 @@ class SystemdHost:
             # No SSH multiplexing: each run's session ends with it, as logind must see.
             extra = {"ANSIBLE_SSH_ARGS": "-o ControlMaster=no", "ANSIBLE_HOST_KEY_CHECKING": "0",
                      "ANSIBLE_PYTHON_INTERPRETER": f"{VENV_IN_HOST}/bin/python", **(env or {})}
-            done = subprocess.run(argv, cwd=PROJECT_ROOT, env=_environment(result_file, extra),
+            done = subprocess.run(argv, cwd=PROJECT_ROOT, env=ansible_environment(result_file, extra),
                                   capture_output=True, text=True, timeout=timeout, check=False)
-            return _host_result(done, result_file)
+            return host_result(done, result_file)
 
     def run_playbook(self, playbook: str, timeout: float = 600.0) -> subprocess.CompletedProcess[str]:
         """Run a playbook (YAML text) against this host through real Ansible over SSH."""

@@ -47,7 +47,7 @@ def run_module(module: str, args: dict[str, Any] | None = None, check: bool = Fa
         argv.append("--diff")
     with tempfile.TemporaryDirectory(prefix="ssq-ansible-") as scratch:
         result_file = Path(scratch) / "results.jsonl"
-        process = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=_environment(result_file, env),
+        process = subprocess.Popen(argv, cwd=PROJECT_ROOT, env=ansible_environment(result_file, env),
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
             stdout, stderr = process.communicate(timeout=timeout)
@@ -57,10 +57,11 @@ def run_module(module: str, args: dict[str, Any] | None = None, check: bool = Fa
             raise AnsibleRunError(f"{name} did not finish within {timeout:g} s\n"
                                   f"--- stdout ---\n{stdout}\n--- stderr ---\n{stderr}") from None
         completed = subprocess.CompletedProcess(argv, process.returncode, stdout, stderr)
-        return _host_result(completed, result_file)
+        return host_result(completed, result_file)
 
 
-def _environment(result_file: Path, extra: dict[str, str] | None) -> dict[str, str]:
+def ansible_environment(result_file: Path, extra: dict[str, str] | None) -> dict[str, str]:
+    """The environment of an Ansible run whose module results the test callback writes to ``result_file``."""
     env = dict(os.environ)
     env.update({
         "ANSIBLE_CALLBACK_PLUGINS": str(CALLBACK_DIR),
@@ -78,7 +79,8 @@ def _environment(result_file: Path, extra: dict[str, str] | None) -> dict[str, s
     return env
 
 
-def _host_result(completed: subprocess.CompletedProcess[str], result_file: Path) -> dict[str, Any]:
+def host_result(completed: subprocess.CompletedProcess[str], result_file: Path) -> dict[str, Any]:
+    """The last module result in ``result_file``, with the run's screen output; raises AnsibleRunError if none."""
     try:
         lines = result_file.read_text(encoding="utf-8").splitlines()
         result = json.loads(lines[-1])

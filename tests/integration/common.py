@@ -16,7 +16,7 @@ from typing import Any
 
 from harness.guest import Guest
 from harness.processes import all_processes, descendants, kill_tree, qemu_processes
-from integration.ansible_runner import ANSIBLE, _environment, run_module
+from integration.ansible_runner import ANSIBLE, ansible_environment, run_module
 
 COMPRESSORS = ("gzip", "bzip2", "xz", "lzop", "zstd")
 RUNTIME_DIR = Path("/run/savestate-qemu")
@@ -130,7 +130,7 @@ def wait_for_file(directory: Path, suffix: str, timeout: float = 30.0, interval:
 def background_module(module: str, args: dict[str, Any]) -> Iterator[subprocess.Popen]:
     """Run a module through ``ansible`` in the background, in its own process group."""
     with tempfile.TemporaryDirectory(prefix="ssq-bg-") as scratch:
-        env = _environment(Path(scratch) / "results.jsonl", None)
+        env = ansible_environment(Path(scratch) / "results.jsonl", None)
         process = subprocess.Popen([str(ANSIBLE), "localhost", "-m", f"savestate.qemu.{module}",
                                     "-a", json.dumps(args)], env=env, stdout=subprocess.PIPE,
                                    stderr=subprocess.STDOUT, text=True, start_new_session=True)
